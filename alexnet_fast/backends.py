@@ -1,0 +1,131 @@
+"""The backend registry: names, availability (with the reason when unavailable), and the default.
+
+``torch``  PyTorch's own ops (the reference; cuDNN for convolutions on the GPU).
+``native`` the C++/CUDA extension ``alexnet_fast._C``: CUDA kernels on GPU tensors, C++ kernels
+           on CPU tensors.
+``triton`` Triton kernels (GPU tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
+``auto``   per op and device, the fastest available backend according to ``autotable``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+
+BACKENDS = ("auto", "torch", "native", "triton")
+CONCRETE = ("torch", "native", "triton")
+ENV_VAR = "ALEXNET_FAST_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run on the given device."""
+
+
+def _check_name(name: str, arg: str = "backend") -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{arg} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_env_default = os.environ.get(ENV_VAR, "auto")
+_default = contextvars.ContextVar("alexnet_fast_backend", default=_check_name(_env_default, ENV_VAR))
+
+
+def set_backend(name: str) -> None:
+    """Set the backend used when an op or module is given ``backend=None``."""
+    _default.set(_check_name(name))
+
+
+def get_backend() -> str:
+    return _default.get()
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with use_backend("triton"): ...`` runs the block with another default backend."""
+    token = _default.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _default.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def native_build():
+    """(build_info dict or None, reason when the extension does not load)."""
+    try:
+        from alexnet_fast import _C
+    except ImportError as e:  # a source checkout that was never built
+        return None, f"the C++ extension alexnet_fast._C did not load ({e}); install with `pip install --no-build-isolation -e .`"
+    return _C.build_info(), ""
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e}); `pip install triton`"
+    return ""
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _availability(backend: str, device_type: str) -> tuple[bool, str]:
+    if backend == "torch":
+        return True, ""
+    if device_type not in ("cpu", "cuda"):
+        return False, f"{backend} kernels exist for cpu and cuda tensors, not {device_type}"
+    if backend == "native":
+        info, reason = native_build()
+        if info is None:
+            return False, reason
+        if device_type == "cuda" and not info["with_cuda"]:
+            return False, (
+                "native CUDA kernels were not built: this install found no nvcc or a CPU-only torch; "
+                "rebuild with CUDA_HOME=/path/to/cuda pip install --no-build-isolation -e . "
+                "(and without ALEXNET_FAST_NO_CUDA=1)")
+        return True, ""
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return False, err
+        if device_type == "cpu" and not triton_interpreted():
+            return False, "triton kernels run on CUDA tensors; on CPU tensors only under TRITON_INTERPRET=1 (for tests)"
+        if device_type == "cuda":
+            import torch
+
+            major, _ = torch.cuda.get_device_capability()
+            if major < 8:
+                return False, f"triton kernels need a GPU of compute capability >= 8.0, this one is {major}.x"
+        return True, ""
+    raise ValueError(f"backend must be one of {CONCRETE}, got {backend!r}")
+
+
+def availability(backend: str, device_type: str) -> tuple[bool, str]:
+    """(usable, reason if not) for a concrete backend on a device type ("cpu", "cuda")."""
+    return _availability(backend, device_type)
+
+
+def resolve(backend: str | None, op: str, device_type: str, shape_key=None) -> str:
+    """The concrete backend that runs ``op`` for a tensor on ``device_type``.
+
+    An explicitly requested backend that cannot run raises BackendUnavailableError saying what is
+    missing; ``auto`` falls back silently along its preference list.
+    """
+    name = _check_name(backend if backend is not None else get_backend())
+    if name != "auto":
+        ok, reason = availability(name, device_type)
+        if not ok:
+            raise BackendUnavailableError(f"backend {name!r} cannot run {op} on {device_type}: {reason}")
+        return name
+    from alexnet_fast import autotable
+
+    for candidate in autotable.preference(op, device_type, shape_key):
+        if availability(candidate, device_type)[0]:
+            return candidate
+    return "torch"

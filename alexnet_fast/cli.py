@@ -1,0 +1,37 @@
+"""The ``alexnet-fast`` command: ``info`` (and ``train``, ``eval``, ``bench``, ``viz``)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _cmd_info(args) -> int:
+    from alexnet_fast.info import format_info, info
+
+    print(format_info(info()))
+    return 0
+
+
+# Modules that add subcommands: each has ``add_commands(subparsers)``, which sets ``func`` on its
+# parsers and imports anything heavy only when its command runs.
+COMMAND_MODULES = ("alexnet_fast.train", "alexnet_fast.viz", "alexnet_fast.bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alexnet-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions, GPU, built and usable backends, what auto picks")
+    p.set_defaults(func=_cmd_info)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The public ops, their argument checks, backend dispatch, and the Python-side registration of
+the native ops (fake kernels for torch.compile, autograd formulas).
+
+Every public op accepts ``backend=None`` (the current default, see ``alexnet_fast.set_backend``)
+or one of ``"auto" | "torch" | "native" | "triton"``. Outputs keep the input's memory format:
+channels_last in, channels_last out.
+
+Autocast: ``conv2d_relu`` runs in the autocast dtype as ``F.conv2d`` does; ``lrn`` and
+``max_pool2d`` keep their input's dtype (they accumulate in float32 internally).
+"""
+from __future__ import annotations
+
+import importlib
+import numbers
+
+import torch
+from torch import Tensor
+
+from alexnet_fast import autograd, backends, reference
+
+__all__ = ["conv2d_relu", "lrn", "max_pool2d", "lrn_max_pool2d"]
+
+# uint8 window offsets hold kernel areas up to 256.
+MAX_POOL_WINDOW = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks: one set for every backend, so every backend fails the same way
+# ---------------------------------------------------------------------------------------------
+def _pair(value, name: str, minimum: int) -> tuple[int, int]:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (int(value), int(value))
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value
+    ):
+        value = (int(value[0]), int(value[1]))
+    else:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        what = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{name} must be {what}, got {value}")
+    return value
+
+
+def _check_input(x, name: str = "x") -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _check_lrn(size, alpha, beta, k) -> None:
+    if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    for name, v in (("alpha", alpha), ("beta", beta), ("k", k)):
+        if not isinstance(v, numbers.Real) or isinstance(v, bool):
+            raise TypeError(f"{name} must be a real number, got {v!r}")
+    if k <= 0 and beta != 0:
+        raise ValueError(f"k must be positive (the denominator is k + alpha/size * sum(x^2)), got {k}")
+
+
+def _check_pool(x: Tensor, kernel_size, stride, padding, ceil_mode):
+    kernel_size = _pair(kernel_size, "kernel_size", 1)
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    if not isinstance(ceil_mode, bool):
+        raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
+    if kernel_size[0] * kernel_size[1] > MAX_POOL_WINDOW:
+        raise ValueError(f"kernel_size {kernel_size} has more than {MAX_POOL_WINDOW} elements (indices are uint8)")
+    if any(p * 2 > k for p, k in zip(padding, kernel_size)):
+        raise ValueError(f"padding {padding} must be at most half of kernel_size {kernel_size}")
+    out_hw = [
+        reference.pool_output_size(n, k, s, p, ceil_mode)
+        for n, k, s, p in zip(x.shape[-2:], kernel_size, stride, padding)
+    ]
+    if min(out_hw) < 1:
+        raise ValueError(
+            f"kernel_size {kernel_size} is larger than the padded input {tuple(x.shape[-2:])} "
+            f"with padding {padding}: the output would be empty")
+    return kernel_size, stride, padding
+
+
+def _check_conv(x: Tensor, weight, bias, stride, padding):
+    _check_input(weight, "weight")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"weight must have x's {x.shape[1]} input channels in dim 1 (groups=1), got shape {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],):
+            got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be None or a tensor of shape ({weight.shape[0]},), got {got}")
+        if bias.device != x.device:
+            raise ValueError(f"bias must be on x's device {x.device}, got {bias.device}")
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    for n, k, p in zip(x.shape[-2:], weight.shape[-2:], padding):
+        if n + 2 * p < k:
+            raise ValueError(
+                f"kernel {tuple(weight.shape[-2:])} is larger than the padded input "
+                f"{tuple(x.shape[-2:])} with padding {padding}")
+    return stride, padding
+
+
+def _autocast(x: Tensor, weight: Tensor, bias):
+    """Cast conv operands as autocast would for F.conv2d; the ops carry no Autocast kernel, so a
+    direct torch.ops call runs in the dtypes it is given."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(
+            f"weight and bias must have x's dtype {x.dtype} outside autocast, got weight {weight.dtype}"
+            + (f", bias {bias.dtype}" if bias is not None else ""))
+    return x, weight, bias
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------------
+def _triton_module():
+    return importlib.import_module("alexnet_fast.triton")
+
+
+def _native_module():
+    backends.native_build()  # loads the library so torch.ops.alexnet_fast exists
+    return torch.ops.alexnet_fast
+
+
+def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+                backend: str | None = None) -> Tensor:
+    """``relu(conv2d(x, weight, bias, stride, padding))`` with groups=1, dilation=1."""
+    _check_input(x)
+    stride, padding = _check_conv(x, weight, bias, stride, padding)
+    shape_key = (x.shape[1], weight.shape[0], tuple(weight.shape[-2:]), stride)
+    name = backends.resolve(backend, "conv2d_relu", x.device.type, shape_key)
+    if name == "torch":
+        return reference.conv2d_relu(x, weight, bias, stride, padding)
+    x, weight, bias = _autocast(x, weight, bias)
+    impl = _native_module() if name == "native" else _triton_module()
+    return impl.conv2d_relu(x, weight, bias, list(stride), list(padding))
+
+
+def lrn(x: Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
+        backend: str | None = None) -> Tensor:
+    """``torch.nn.functional.local_response_norm`` over channels (alpha is divided by size)."""
+    _check_input(x)
+    _check_lrn(size, alpha, beta, k)
+    name = backends.resolve(backend, "lrn", x.device.type)
+    if name == "torch":
+        return reference.lrn(x, size, alpha, beta, k)
+    impl = _native_module() if name == "native" else _triton_module()
+    return impl.lrn(x, int(size), float(alpha), float(beta), float(k))
+
+
+def max_pool2d(x: Tensor, kernel_size=3, stride=2, padding=0, ceil_mode: bool = False,
+               backend: str | None = None) -> Tensor:
+    """``torch.nn.functional.max_pool2d`` (first maximum wins ties; NaN propagates)."""
+    _check_input(x)
+    kernel_size, stride, padding = _check_pool(x, kernel_size, stride, padding, ceil_mode)
+    name = backends.resolve(backend, "max_pool2d", x.device.type)
+    if name == "torch":
+        return reference.max_pool2d(x, kernel_size, stride, padding, ceil_mode)
+    impl = _native_module() if name == "native" else _triton_module()
+    return impl.max_pool2d(x, list(kernel_size), list(stride), list(padding), ceil_mode)[0]
+
+
+def lrn_max_pool2d(x: Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
+                   kernel_size=3, stride=2, backend: str | None = None) -> Tensor:
+    """``max_pool2d(lrn(x, size, alpha, beta, k), kernel_size, stride)`` in one pass."""
+    _check_input(x)
+    _check_lrn(size, alpha, beta, k)
+    kernel_size, stride, _ = _check_pool(x, kernel_size, stride, 0, False)
+    name = backends.resolve(backend, "lrn_max_pool2d", x.device.type)
+    if name == "torch":
+        return reference.lrn_max_pool2d(x, size, alpha, beta, k, kernel_size, stride)
+    impl = _native_module() if name == "native" else _triton_module()
+    return impl.lrn_max_pool2d(x, int(size), float(alpha), float(beta), float(k), list(kernel_size),
+                               list(stride))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# registration of the native ops: fake kernels (shapes for torch.compile) and autograd
+# ---------------------------------------------------------------------------------------------
+def output_memory_format(x: Tensor) -> torch.memory_format:
+    """The layout our kernels write: channels_last for channels_last inputs, else contiguous
+    (the same rule as csrc/checks.h's output_memory_format)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def conv_out_shape(x: Tensor, weight: Tensor, stride, padding):
+    oh, ow = (reference.conv_output_size(n, k, s, p)
+              for n, k, s, p in zip(x.shape[-2:], weight.shape[-2:], stride, padding))
+    return (x.shape[0], weight.shape[0], oh, ow)
+
+
+def pool_out_shape(x: Tensor, kernel_size, stride, padding, ceil_mode):
+    oh, ow = (reference.pool_output_size(n, k, s, p, ceil_mode)
+              for n, k, s, p in zip(x.shape[-2:], kernel_size, stride, padding))
+    return (x.shape[0], x.shape[1], oh, ow)
+
+
+def _register_native() -> None:
+    lib = "alexnet_fast::"
+    reg = torch.library.register_fake
+
+    @reg(lib + "conv2d_relu")
+    def _(x, weight, bias, stride, padding):
+        return x.new_empty(conv_out_shape(x, weight, stride, padding)).contiguous(
+            memory_format=output_memory_format(x))
+
+    @reg(lib + "conv2d_relu_backward_input")
+    def _(grad_out, out, weight, input_hw, stride, padding):
+        shape = (grad_out.shape[0], weight.shape[1], *input_hw)
+        return grad_out.new_empty(shape).contiguous(memory_format=output_memory_format(grad_out))
+
+    @reg(lib + "conv2d_relu_backward_weight")
+    def _(grad_out, out, x, kernel_hw, stride, padding):
+        return (grad_out.new_empty((grad_out.shape[1], x.shape[1], *kernel_hw)),
+                grad_out.new_empty((grad_out.shape[1],)))
+
+    @reg(lib + "lrn")
+    def _(x, size, alpha, beta, k):
+        return torch.empty_like(x, memory_format=output_memory_format(x))
+
+    @reg(lib + "lrn_backward")
+    def _(grad_out, x, size, alpha, beta, k):
+        return torch.empty_like(x, memory_format=output_memory_format(x))
+
+    def pool_fake(x, kernel_size, stride, padding, ceil_mode):
+        fmt = output_memory_format(x)
+        shape = pool_out_shape(x, kernel_size, stride, padding, ceil_mode)
+        return (x.new_empty(shape).contiguous(memory_format=fmt),
+                x.new_empty(shape, dtype=torch.uint8).contiguous(memory_format=fmt))
+
+    reg(lib + "max_pool2d")(pool_fake)
+
+    @reg(lib + "max_pool2d_backward")
+    def _(grad_out, indices, input_hw, kernel_size, stride, padding):
+        shape = (*grad_out.shape[:2], *input_hw)
+        return grad_out.new_empty(shape).contiguous(memory_format=output_memory_format(grad_out))
+
+    @reg(lib + "lrn_max_pool2d")
+    def _(x, size, alpha, beta, k, kernel_size, stride):
+        return pool_fake(x, kernel_size, stride, (0, 0), False)
+
+    @reg(lib + "lrn_max_pool2d_backward")
+    def _(grad_out, x, indices, size, alpha, beta, k, kernel_size, stride):
+        return torch.empty_like(x, memory_format=output_memory_format(x))
+
+    autograd.register(torch.ops.alexnet_fast)
+
+
+if backends.native_build()[0] is not None:
+    _register_native()

@@ -1,0 +1,74 @@
+// Every schema of the alexnet_fast op library, in one place. Kernels register per device in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels, autograd and autocast are registered
+// from Python in alexnet_fast/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#define ALEXNET_FAST_STR_(x) #x
+#define ALEXNET_FAST_STR(x) ALEXNET_FAST_STR_(x)
+#ifdef ALEXNET_FAST_CUDA_ARCHS
+#define ALEXNET_FAST_CUDA_ARCHS_STR ALEXNET_FAST_STR(ALEXNET_FAST_CUDA_ARCHS)  // e.g. "9.0_10.0"
+#else
+#define ALEXNET_FAST_CUDA_ARCHS_STR ""
+#endif
+
+// `import alexnet_fast._C` loads this library (and with it the TORCH_LIBRARY registrations).
+// The ops are reached through torch.ops.alexnet_fast; the module holds only what the build was.
+static PyObject* build_info(PyObject*, PyObject*) {
+#ifdef ALEXNET_FAST_WITH_CUDA
+  PyObject* with_cuda = Py_True;
+#else
+  PyObject* with_cuda = Py_False;
+#endif
+#ifdef ALEXNET_FAST_DEBUG
+  PyObject* debug = Py_True;
+#else
+  PyObject* debug = Py_False;
+#endif
+  return Py_BuildValue("{s:O,s:s,s:O}", "with_cuda", with_cuda, "cuda_archs", ALEXNET_FAST_CUDA_ARCHS_STR,
+                       "debug", debug);
+}
+
+static PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "How this extension was built (CUDA kernels, archs, debug)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(alexnet_fast, m) {
+  // relu(conv2d(x, weight, bias, stride, padding)), groups=1, dilation=1.
+  m.def("conv2d_relu(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding) -> Tensor");
+  // Gradients take the forward's output: the ReLU mask (out > 0) is applied to grad_out inside.
+  m.def(
+      "conv2d_relu_backward_input(Tensor grad_out, Tensor out, Tensor weight, int[2] input_hw, "
+      "int[2] stride, int[2] padding) -> Tensor");
+  // Returns (grad_weight, grad_bias); grad_bias is the sum of the masked gradient.
+  m.def(
+      "conv2d_relu_backward_weight(Tensor grad_out, Tensor out, Tensor x, int[2] kernel_hw, "
+      "int[2] stride, int[2] padding) -> (Tensor, Tensor)");
+
+  // torch.nn.functional.local_response_norm. Backward recomputes the denominator from x, which
+  // the preceding conv2d_relu keeps anyway, so LRN saves no tensor of its own.
+  m.def("lrn(Tensor x, int size, float alpha, float beta, float k) -> Tensor");
+  m.def("lrn_backward(Tensor grad_out, Tensor x, int size, float alpha, float beta, float k) -> Tensor");
+
+  // torch.nn.functional.max_pool2d. indices: uint8 window-local offset (kh * kernel_w + kw) of
+  // the element each output took.
+  m.def(
+      "max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "max_pool2d_backward(Tensor grad_out, Tensor indices, int[2] input_hw, int[2] kernel_size, "
+      "int[2] stride, int[2] padding) -> Tensor");
+
+  // max_pool2d(lrn(x)) with padding 0, ceil_mode False; the LRN output never reaches memory.
+  m.def(
+      "lrn_max_pool2d(Tensor x, int size, float alpha, float beta, float k, int[2] kernel_size, "
+      "int[2] stride) -> (Tensor, Tensor)");
+  m.def(
+      "lrn_max_pool2d_backward(Tensor grad_out, Tensor x, Tensor indices, int size, float alpha, "
+      "float beta, float k, int[2] kernel_size, int[2] stride) -> Tensor");
+}

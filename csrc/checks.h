@@ -32,3 +32,12 @@
 #define CHECK_SHAPE(x, ...)                                                                   \
   TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape ",        \
               at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
+
+// The layout our kernels write: channels_last for channels_last inputs, contiguous otherwise
+// (the same rule as alexnet_fast.ops.output_memory_format, which the fake kernels use).
+inline at::MemoryFormat output_memory_format(const at::Tensor& x) {
+  if (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import os
 
 BACKENDS = ("auto", "torch", "native", "triton")
@@ -55,7 +56,7 @@ def use_backend(name: str):
 def native_build():
     """(build_info dict or None, reason when the extension does not load)."""
     try:
-        from alexnet_fast import _C
+        _C = importlib.import_module("alexnet_fast._C")
     except ImportError as e:  # a source checkout that was never built
         return None, f"the C++ extension alexnet_fast._C did not load ({e}); install with `pip install --no-build-isolation -e .`"
     return _C.build_info(), ""

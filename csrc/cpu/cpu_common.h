@@ -1,0 +1,126 @@
+// Helpers shared by the CPU kernels: index-space iteration in a tensor's memory order, the
+// max-pool window rule, pooling argument checks, and the entry points one CPU file calls in another.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "checks.h"
+
+namespace alexnet_fast::cpu {
+
+// True when a tensor is best visited channel-innermost (its memory order is N, H, W, C).
+inline bool is_channels_last(const at::Tensor& t) {
+  return output_memory_format(t) == at::MemoryFormat::ChannelsLast;
+}
+
+// Element offset of (n, c, h, w) in a 4-D tensor, read through its strides (any layout).
+struct Strides4 {
+  int64_t n, c, h, w;
+  explicit Strides4(const at::Tensor& t) : n(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
+  int64_t operator()(int64_t in, int64_t ic, int64_t ih, int64_t iw) const {
+    return in * n + ic * c + ih * h + iw * w;
+  }
+};
+
+// Calls f(n, c, h, w) for every index of an [N, C, H, W] space, in parallel, visiting the indices
+// in the memory order of an NCHW (channels_last = false) or NHWC tensor so that writes stream.
+// `work` is the rough cost of one call in elementary operations; it sizes the parallel chunks.
+template <typename F>
+void parallel_for_nchw(int64_t N, int64_t C, int64_t H, int64_t W, bool channels_last, int64_t work,
+                       const F& f) {
+  const int64_t total = N * C * H * W;
+  if (total == 0) return;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work));
+  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+    int64_t n, c, h, w, r = begin;
+    if (channels_last) {
+      c = r % C, r /= C, w = r % W, r /= W, h = r % H, n = r / H;
+    } else {
+      w = r % W, r /= W, h = r % H, r /= H, c = r % C, n = r / C;
+    }
+    for (int64_t i = begin; i < end; ++i) {
+      f(n, c, h, w);
+      if (channels_last) {
+        if (++c == C) {
+          c = 0;
+          if (++w == W) {
+            w = 0;
+            if (++h == H) h = 0, ++n;
+          }
+        }
+      } else if (++w == W) {
+        w = 0;
+        if (++h == H) {
+          h = 0;
+          if (++c == C) c = 0, ++n;
+        }
+      }
+    }
+  });
+}
+
+// PyTorch's max-pool rule: the running maximum starts at -inf on the window's first valid
+// element and is replaced by an element that is greater or NaN, scanning row-major. So ties keep
+// the first maximum, a NaN wins (the last NaN when several), and an all -inf window gives its
+// first element.
+template <typename acc_t>
+struct WindowMax {
+  acc_t value = -std::numeric_limits<acc_t>::infinity();
+  int64_t offset;
+  explicit WindowMax(int64_t first_offset) : offset(first_offset) {}
+  void update(acc_t v, int64_t off) {
+    if (v > value || std::isnan(v)) value = v, offset = off;
+  }
+};
+
+// reference.pool_output_size: a last (ceil_mode) window must start inside the input or its left
+// padding.
+inline int64_t pool_output_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding, bool ceil_mode) {
+  const int64_t num = size + 2 * padding - kernel;
+  if (num < 0) return 0;
+  int64_t out = (num + (ceil_mode ? stride - 1 : 0)) / stride + 1;
+  if (ceil_mode && (out - 1) * stride >= size + padding) --out;
+  return out;
+}
+
+// uint8 window offsets hold kernel areas up to 256 (alexnet_fast.ops.MAX_POOL_WINDOW).
+constexpr int64_t kMaxPoolWindow = 256;
+
+inline void check_pool_params(at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
+  CHECK_PAIR(kernel_size);
+  CHECK_PAIR(stride);
+  CHECK_PAIR(padding);
+  CHECK_POSITIVE(kernel_size[0]);
+  CHECK_POSITIVE(kernel_size[1]);
+  CHECK_POSITIVE(stride[0]);
+  CHECK_POSITIVE(stride[1]);
+  CHECK_NONNEGATIVE(padding[0]);
+  CHECK_NONNEGATIVE(padding[1]);
+  TORCH_CHECK(kernel_size[0] * kernel_size[1] <= kMaxPoolWindow, "kernel_size ", kernel_size, " has more than ",
+              kMaxPoolWindow, " elements (indices are uint8)");
+  TORCH_CHECK(2 * padding[0] <= kernel_size[0] && 2 * padding[1] <= kernel_size[1], "padding ", padding,
+              " must be at most half of kernel_size ", kernel_size);
+}
+
+// The pooled (OH, OW) of an input of spatial size (H, W); errors when a window does not fit.
+inline std::pair<int64_t, int64_t> pool_output_hw(int64_t H, int64_t W, at::IntArrayRef kernel_size,
+                                                  at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode) {
+  const int64_t OH = pool_output_size(H, kernel_size[0], stride[0], padding[0], ceil_mode);
+  const int64_t OW = pool_output_size(W, kernel_size[1], stride[1], padding[1], ceil_mode);
+  TORCH_CHECK(OH >= 1 && OW >= 1, "kernel_size ", kernel_size, " is larger than the padded input (", H, ", ", W,
+              ") with padding ", padding, ": the output would be empty");
+  return {OH, OW};
+}
+
+// grad_x[n, c, ih, iw] = sum of grad_out over the windows whose winner (indices) is (ih, iw),
+// summed in the order PyTorch's scatter adds them (oh, then ow). A gather: every element of grad_x
+// is written once, by one thread, whatever grad_x's layout. Defined in max_pool_cpu.cpp.
+void max_pool2d_backward_into(const at::Tensor& grad_out, const at::Tensor& indices, at::Tensor& grad_x,
+                              at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding);
+
+}  // namespace alexnet_fast::cpu

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Build, test, sanitize and benchmark on a machine with an NVIDIA GPU and torch installed, in one
+# call (`make bench-gpu`). Stages: build test sanitize bench (default: all). Logs and results go to
+# $RESULTS_DIR (default gpu-results/); the last lines printed are a summary.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS_DIR=${RESULTS_DIR:-gpu-results}
+STAGES=${*:-build test sanitize bench}
+mkdir -p "$RESULTS_DIR"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+summary=()
+stage() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+record() { summary+=("$1: $2"); echo "== $1: $2"; }
+
+if stage build; then
+  start=$SECONDS
+  if $PY -m pip install --no-build-isolation --no-deps -e . >"$RESULTS_DIR/build.log" 2>&1; then
+    record build "ok in $((SECONDS - start)) s"
+  else
+    tail -60 "$RESULTS_DIR/build.log"; record build "FAILED"; exit 1
+  fi
+  $PY -m alexnet_fast.cli info | tee "$RESULTS_DIR/info.txt"
+fi
+
+if stage test; then
+  $PY -m pytest tests -q -x --durations=15 -p no:cacheprovider 2>&1 | tee "$RESULTS_DIR/tests.log" | tail -40
+  record tests "$(tail -1 "$RESULTS_DIR/tests.log")"
+fi
+
+if stage sanitize; then
+  bash scripts/sanitize.sh 2>&1 | tee "$RESULTS_DIR/sanitize.log" | tail -20
+  record sanitize "exit ${PIPESTATUS[0]}"
+fi
+
+if stage bench; then
+  $PY -m alexnet_fast.cli bench --ops --train-step --out "$RESULTS_DIR" 2>&1 | tee "$RESULTS_DIR/bench.log" | tail -80
+  record bench "exit ${PIPESTATUS[0]}"
+fi
+
+printf '%s\n' "${summary[@]}"

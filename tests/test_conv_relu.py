@@ -1,0 +1,101 @@
+"""Fused conv+bias+ReLU kernels: forward, input gradient, weight and bias gradients against
+F.conv2d + ReLU in float64."""
+import pytest
+import torch
+from conftest import assert_close, assert_layout, kernel_dtypes, random_input
+
+from alexnet_fast import backends, ops, reference
+
+# (x shape, weight shape, stride, padding): odd sizes, C_out not a multiple of 8, N=1,
+# rectangular kernels, a conv1-like 11x11 stride-4 layer.
+CPU_CASES = [
+    ((2, 3, 11, 11), (5, 3, 3, 3), (1, 1), (1, 1)),
+    ((1, 4, 9, 8), (7, 4, 5, 5), (2, 2), (2, 2)),
+    ((2, 3, 27, 27), (8, 3, 11, 11), (4, 4), (0, 0)),
+    ((2, 5, 6, 7), (3, 5, 1, 1), (1, 1), (0, 0)),
+    ((1, 4, 7, 9), (6, 4, 3, 2), (2, 1), (1, 0)),
+]
+CUDA_CASES = CPU_CASES + [
+    ((4, 96, 27, 27), (256, 96, 5, 5), (1, 1), (2, 2)),
+    ((3, 256, 13, 13), (384, 256, 3, 3), (1, 1), (1, 1)),
+    ((2, 3, 63, 63), (96, 3, 11, 11), (4, 4), (0, 0)),
+    ((2, 20, 17, 19), (37, 20, 3, 3), (1, 1), (1, 1)),
+]
+
+
+def _run(backend, device, dtype, layout, xs, ws, stride, padding, bias=True, x_grad=True, tf32=False):
+    what = f"{backend} {dtype} {layout} x={xs} w={ws} s={stride} p={padding} bias={bias} tf32={tf32}"
+    x = random_input(xs, dtype, device, layout).requires_grad_(x_grad)
+    w = (random_input(ws, dtype, device) / (ws[1] * ws[2] * ws[3]) ** 0.5).requires_grad_()
+    b = random_input((ws[0],), dtype, device, scale=0.1).requires_grad_() if bias else None
+    out = ops.conv2d_relu(x, w, b, stride, padding, backend=backend)
+    x64, w64 = x.detach().double().cpu().requires_grad_(x_grad), w.detach().double().cpu().requires_grad_()
+    b64 = b.detach().double().cpu().requires_grad_() if bias else None
+    ref = reference.conv2d_relu(x64, w64, b64, stride, padding)
+    assert out.dtype == dtype
+    assert_layout(out, layout, what)
+    assert (ref > 0).any() and (ref == 0).any(), "the case must exercise both sides of the ReLU"
+    assert_close(out, ref, dtype, "gemm", tf32, what=f"conv2d_relu {what}")
+    g = random_input(out.shape, dtype, device, layout)
+    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    inputs64 = [t for t in (x64, w64, b64) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, inputs, g)
+    grads64 = torch.autograd.grad(ref, inputs64, g.double().cpu())
+    names = (["x"] if x_grad else []) + ["weight"] + (["bias"] if bias else [])
+    for name, got, want in zip(names, grads, grads64):
+        assert got.shape == want.shape and got.dtype == dtype
+        assert_close(got, want, dtype, "gemm", tf32, what=f"grad {name} {what}")
+    if x_grad:
+        assert_layout(grads[0], layout, f"grad x {what}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv_relu(backend, device, layout):
+    tf32_flag = torch.backends.cudnn.allow_tf32
+    try:
+        for dtype in kernel_dtypes(backend, device):
+            for allow_tf32 in ([False, True] if dtype == torch.float32 and device == "cuda" else [False]):
+                torch.backends.cudnn.allow_tf32 = allow_tf32
+                for case in CPU_CASES if device == "cpu" else CUDA_CASES:
+                    _run(backend, device, dtype, layout, *case, tf32=allow_tf32)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32_flag
+
+
+def test_conv_relu_no_bias_and_frozen_input(backend, device):
+    for layout in ("contiguous", "channels_last"):
+        _run(backend, device, torch.float32, layout, (2, 3, 27, 27), (8, 3, 11, 11), (4, 4), (0, 0),
+             bias=False, x_grad=False)
+
+
+def test_conv_relu_autocast(backend, device):
+    """Under autocast the op runs in the autocast dtype with fp32 parameters, like F.conv2d."""
+    dtype = torch.bfloat16
+    x = torch.randn(2, 4, 9, 9, device=device)
+    w = torch.randn(6, 4, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(6, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=dtype):
+        out = ops.conv2d_relu(x, w, b, 1, 1, backend=backend)
+        ref = ops.conv2d_relu(x, w, b, 1, 1, backend="torch")
+    assert out.dtype == ref.dtype == dtype
+    assert_close(out, reference.conv2d_relu(x.double(), w.double(), b.double(), 1, 1).cpu(), dtype, "gemm")
+    out.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+
+
+def test_conv_relu_empty_batch(backend, device):
+    x = torch.randn(0, 3, 9, 9, device=device, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    out = ops.conv2d_relu(x, w, None, 1, 0, backend=backend)
+    assert out.shape == (0, 4, 7, 7)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_conv_relu_gradcheck_float64():
+    if not backends.availability("native", "cpu")[0]:
+        pytest.skip(backends.availability("native", "cpu")[1])
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: ops.conv2d_relu(*t, (2, 1), (1, 0), backend="native"), (x, w, b))

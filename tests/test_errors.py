@@ -1,0 +1,85 @@
+"""Bad input: a clear error naming the argument, never a crash or a silent wrong result."""
+import pytest
+import torch
+
+import alexnet_fast
+from alexnet_fast import backends, ops
+
+BACKENDS = ["torch", "native", "triton"]
+
+
+def _ok(backend):
+    ok, reason = backends.availability(backend, "cpu")
+    if not ok:
+        pytest.skip(reason)
+    return backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn,args,exc,match", [
+    (ops.lrn, (torch.randn(2, 3, 4),), ValueError, "x must be a 4-D"),
+    (ops.lrn, (torch.randint(0, 3, (1, 3, 4, 4)),), TypeError, "x must be a floating-point"),
+    (ops.lrn, (torch.randn(1, 3, 4, 4), 0), ValueError, "size must be a positive int"),
+    (ops.lrn, (torch.randn(1, 3, 4, 4), 5, 1e-4, 0.75, -1.0), ValueError, "k must be positive"),
+    (ops.max_pool2d, (torch.randn(1, 3, 4, 4), 0), ValueError, "kernel_size must be positive"),
+    (ops.max_pool2d, (torch.randn(1, 3, 4, 4), 3, -1), ValueError, "stride must be positive"),
+    (ops.max_pool2d, (torch.randn(1, 3, 4, 4), 3, 1, 2), ValueError, "padding .* at most half"),
+    (ops.max_pool2d, (torch.randn(1, 3, 2, 2), 3, 1), ValueError, "larger than the padded input"),
+    (ops.max_pool2d, (torch.randn(1, 3, 4, 4), (2, 2, 2)), ValueError, "kernel_size must be an int or a pair"),
+    (ops.max_pool2d, (torch.randn(1, 3, 40, 40), 17), ValueError, "more than 256"),
+    (ops.lrn_max_pool2d, (torch.randn(1, 3, 2, 2),), ValueError, "larger than the padded input"),
+    (ops.conv2d_relu, (torch.randn(1, 3, 8, 8), torch.randn(4, 2, 3, 3)), ValueError, "input channels"),
+    (ops.conv2d_relu, (torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3)), ValueError, "weight must be a 4-D"),
+    (ops.conv2d_relu, (torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(5)), ValueError, "bias must be"),
+    (ops.conv2d_relu, (torch.randn(1, 3, 2, 2), torch.randn(4, 3, 3, 3)), ValueError, "larger than the padded"),
+    (ops.conv2d_relu, (torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3).double()), TypeError, "weight and bias must have x's dtype"),
+    (ops.conv2d_relu, (torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, 0), ValueError, "stride must be positive"),
+])
+def test_bad_arguments(backend, fn, args, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(*args, backend=_ok(backend))
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.lrn(torch.randn(1, 3, 4, 4), backend="cudnn")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        alexnet_fast.set_backend("fast")
+    with pytest.raises(ValueError, match="backend must be None or one of"):
+        alexnet_fast.AlexNet(backend="fast")
+
+
+def test_unavailable_backend_names_what_is_missing(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    backends._availability.cache_clear()
+    try:
+        with pytest.raises(backends.BackendUnavailableError, match="triton kernels run on CUDA tensors"):
+            ops.lrn(torch.randn(1, 3, 4, 4), backend="triton")
+        # auto falls back silently
+        assert backends.resolve("auto", "lrn", "cpu") in ("native", "torch")
+    finally:
+        backends._availability.cache_clear()
+
+
+def test_native_kernels_check_arguments_themselves():
+    """Direct torch.ops calls bypass the Python checks; the C++ checks still name the argument."""
+    _ok("native")
+    nat = ops._native_module()
+    with pytest.raises(RuntimeError, match="x must be a 4-D"):
+        nat.lrn(torch.randn(3, 4, 4), 5, 1e-4, 0.75, 2.0)
+    with pytest.raises(RuntimeError, match="weight"):
+        nat.conv2d_relu(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3).double(), None, [1, 1], [0, 0])
+    with pytest.raises(RuntimeError, match="indices"):
+        nat.max_pool2d_backward(torch.randn(1, 3, 3, 3), torch.zeros(1, 3, 3, 3), [7, 7], [3, 3], [2, 2], [0, 0])
+
+
+def test_backend_selection_api(monkeypatch):
+    assert alexnet_fast.get_backend() in backends.BACKENDS
+    with alexnet_fast.use_backend("torch"):
+        assert alexnet_fast.get_backend() == "torch"
+        assert backends.resolve(None, "lrn", "cpu") == "torch"
+    alexnet_fast.set_backend("torch")
+    try:
+        assert alexnet_fast.get_backend() == "torch"
+    finally:
+        alexnet_fast.set_backend("auto")

@@ -1,0 +1,489 @@
+"""Fused conv2d + bias + ReLU in Triton as implicit GEMMs: forward, input gradient (dgrad) and
+weight + bias gradient (wgrad), registered as ``alexnet_fast_triton`` ops with the schemas of the
+native ``alexnet_fast`` ops.
+
+GEMM views (groups=1, dilation=1; M counts pixels, K = KH * KW * C_in ordered (kh, kw, c_in)):
+
+* forward  ``out[M = N*OH*OW, C_out] = relu(patches[M, K] @ W[K, C_out] + bias)``;
+* dgrad    ``dx[M = N*H*W, C_in] = masked_grad[M, KH*KW*C_out] @ W'``, one sub-GEMM per stride
+  phase ``(ih % SH, iw % SW)`` so only the taps that hit each input pixel are visited;
+* wgrad    ``dW[C_out, K] = masked_grad[M, C_out]^T @ patches[M, K]``, split over M into fp32
+  partial sums that the host adds, and ``db = sum_M masked_grad`` from extra programs of the
+  same launch.
+
+``masked_grad = where(out > 0, grad_out, 0)`` is formed inside the backward kernels' loads: no
+ReLU pass and no mask tensor exist.
+
+Layout: the kernels read activations as channels_last (NHWC), so a K block is a contiguous run
+of channels. NCHW inputs are converted to channels_last once inside each op (one copy of x, and
+of grad_out and out in the backward); outputs are written directly in the layout
+``alexnet_fast.ops.output_memory_format`` prescribes (channels_last in, channels_last out).
+
+K is walked in one of two ways (the ``FLAT_K`` switch, see ``_flat_k``):
+
+* channel blocks per tap: for each (kh, kw), ``BLOCK_K`` contiguous channels; used when C_in
+  fills the blocks (conv2-conv5);
+* flat: K is one run ``kh * (KW * C_in) + (kw * C_in + c)``. In NHWC the ``KW * C_in`` values
+  of one kernel row are contiguous in memory (conv1: 11 rows of 33 values), so a K block
+  covers whole rows instead of padding C_in=3 to a channel block (which would waste 80-95% of
+  the MMA work).
+
+Dtypes: float16 / bfloat16 on the tensor cores with float32 accumulation. float32 follows
+PyTorch's convolution rule: TF32 when ``torch.backends.cudnn.allow_tf32`` is True, true fp32
+products otherwise (read when the op runs; under torch.compile, when it is traced).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from alexnet_fast import autograd, reference
+from alexnet_fast.ops import output_memory_format
+from alexnet_fast.triton import conv_configs
+
+NAMESPACE = "alexnet_fast_triton"
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# A flat K is used once channel blocks of this width would pad C_in by more than a quarter.
+_CHANNEL_BLOCK = 32
+_INT32_MAX = 2**31 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# device helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # The CPU interpreter multiplies bfloat16 tiles as their raw 16-bit integers; widening to
+    # float32 first is exact and gives the products the tensor cores compute.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _pixel_rows(offs_m, OH, OW, H, W, C, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
+                PW: tl.constexpr):
+    """For output pixels ``offs_m`` (flat n, oh, ow): the top-left input coordinate of their
+    window and the int64 NHWC offset of that (possibly padded-out) position."""
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    n = t // OH
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+    row_base = ((n.to(tl.int64) * H + ih0) * W + iw0) * C
+    return n, oh, ow, ih0, iw0, row_base
+
+
+@triton.jit
+def _k_columns(kt, C, KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight column (index into the (kh, kw, c_in) order) of each position of K block ``kt``,
+    and which positions exist."""
+    if FLAT_K:
+        k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        return k, k < KH * KW * C
+    c_blocks = tl.cdiv(C, BLOCK_K)
+    tap = kt // c_blocks
+    c = (kt - tap * c_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    return tap * C + c, c < C
+
+
+@triton.jit
+def _load_patches(x_ptr, row_base, ih0, iw0, row_ok, kt, k_idx, k_ok, H, W, C, KW: tl.constexpr,
+                  FLAT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] tile of K block ``kt`` (columns ``k_idx`` from ``_k_columns``) of
+    the im2col rows of pixels whose window starts at (ih0, iw0); zero outside the image."""
+    if FLAT_K:
+        row_len = KW * C
+        r = k_idx // row_len
+        j = k_idx - r * row_len
+        s = j // C
+        ih = ih0[:, None] + r[None, :]
+        iw = iw0[:, None] + s[None, :]
+        mask = row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ptrs = x_ptr + row_base[:, None] + (r * (W * C) + j)[None, :]
+    else:
+        tap = kt // tl.cdiv(C, BLOCK_K)
+        r = tap // KW
+        s = tap - r * KW
+        ih = ih0 + r
+        iw = iw0 + s
+        ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        mask = ok[:, None] & k_ok[None, :]
+        ptrs = x_ptr + (row_base + (r * W + s) * C)[:, None] + (k_idx - tap * C)[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+@triton.autotune(configs=conv_configs.forward(_INTERPRETED),
+                 key=["N", "H", "W", "C", "CO", "KH", "KW", "SH", "SW", "FLAT_K"])
+@triton.jit
+def conv2d_relu_forward_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr,
+    N, H, W, C, OH, OW, CO,
+    so_n, so_c, so_h, so_w,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FLAT_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out = relu(conv(x, w) + bias): x NHWC, w [CO, KH, KW, C], out written with its strides."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(CO, BLOCK_N)
+    # Output-channel tiles vary fastest so the programs sharing a patch tile run together.
+    pid_m = pid // num_n
+    pid_n = pid - pid_m * num_n
+    M = N * OH * OW
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    n, oh, ow, ih0, iw0, row_base = _pixel_rows(offs_m, OH, OW, H, W, C, SH, SW, PH, PW)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < CO
+    K = KH * KW * C
+    w_rows = w_ptr + offs_n.to(tl.int64) * K
+
+    if FLAT_K:
+        k_tiles = tl.cdiv(K, BLOCK_K)
+    else:
+        k_tiles = KH * KW * tl.cdiv(C, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(0, k_tiles):
+        k_idx, k_ok = _k_columns(kt, C, KH, KW, FLAT_K, BLOCK_K)
+        a = _load_patches(x_ptr, row_base, ih0, iw0, m_ok, kt, k_idx, k_ok, H, W, C, KW, FLAT_K, BLOCK_K)
+        b = tl.load(w_rows[None, :] + k_idx[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, PRECISION, UPCAST)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    # where(acc < 0) rather than maximum: NaN propagates as in torch.relu.
+    acc = tl.where(acc < 0, 0.0, acc)
+    rows = n.to(tl.int64) * so_n + oh.to(tl.int64) * so_h + ow.to(tl.int64) * so_w
+    ptrs = out_ptr + rows[:, None] + offs_n.to(tl.int64)[None, :] * so_c
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.autotune(configs=conv_configs.backward_input(_INTERPRETED),
+                 key=["N", "H", "W", "C", "CO", "KH", "KW", "SH", "SW"])
+@triton.jit
+def conv2d_relu_backward_input_kernel(
+    grad_ptr, out_ptr, w_ptr, dx_ptr,
+    N, H, W, C, OH, OW, CO,
+    sd_n, sd_c, sd_h, sd_w,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx = conv_transpose(where(out > 0, grad, 0), w): grad/out NHWC, w [CO, KH, KW, C].
+
+    Program axis 1 is the stride phase (ph, pw): its pixels ih = ph + SH*a, iw = pw + SW*b are
+    reached only by the taps r = r0 + SH*i, s = s0 + SW*j, from outputs oh = a + qh - i,
+    ow = b + qw - j."""
+    phase = tl.program_id(1)
+    ph = phase // SW
+    pw = phase - ph * SW
+    HQ = (H - ph + SH - 1) // SH
+    WQ = (W - pw + SW - 1) // SW
+    MQ = N * HQ * WQ
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(C, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid - pid_m * num_n
+    if pid_m * BLOCK_M >= MQ:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < MQ
+    b_idx = offs_m % WQ
+    t = offs_m // WQ
+    a_idx = t % HQ
+    n = t // HQ
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C
+
+    r0 = (ph + PH) % SH
+    s0 = (pw + PW) % SW
+    qh = (ph + PH - r0) // SH
+    qw = (pw + PW - s0) // SW
+    taps_w = (KW - s0 + SW - 1) // SW
+    taps = ((KH - r0 + SH - 1) // SH) * taps_w
+    co_blocks = tl.cdiv(CO, BLOCK_K)
+    K = KH * KW * C
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, taps * co_blocks):
+        tap = it // co_blocks
+        co = (it - tap * co_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        i = tap // taps_w
+        j = tap - i * taps_w
+        oh = a_idx + qh - i
+        ow = b_idx + qw - j
+        row_ok = m_ok & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        co_ok = co < CO
+        g_mask = row_ok[:, None] & co_ok[None, :]
+        g_offs = (((n.to(tl.int64) * OH + oh) * OW + ow) * CO)[:, None] + co[None, :]
+        g = tl.load(grad_ptr + g_offs, mask=g_mask, other=0.0)
+        o = tl.load(out_ptr + g_offs, mask=g_mask, other=0.0)
+        g = tl.where(o > 0, g, 0.0)
+        w_col = ((r0 + SH * i) * KW + s0 + SW * j) * C
+        w_ptrs = w_ptr + (co.to(tl.int64) * K + w_col)[:, None] + offs_n[None, :]
+        wt = tl.load(w_ptrs, mask=co_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _mma(g, wt, acc, PRECISION, UPCAST)
+
+    ih = ph + SH * a_idx
+    iw = pw + SW * b_idx
+    rows = n.to(tl.int64) * sd_n + ih.to(tl.int64) * sd_h + iw.to(tl.int64) * sd_w
+    ptrs = dx_ptr + rows[:, None] + offs_n.to(tl.int64)[None, :] * sd_c
+    tl.store(ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.autotune(configs=conv_configs.backward_weight(_INTERPRETED),
+                 key=["N", "H", "W", "C", "CO", "KH", "KW", "SH", "SW", "FLAT_K", "CHUNK"])
+@triton.jit
+def conv2d_relu_backward_weight_kernel(
+    grad_ptr, out_ptr, x_ptr, dw_ptr, db_ptr,
+    N, H, W, C, OH, OW, CO, CHUNK,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr,
+    FLAT_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Partial sums over the pixels [split * CHUNK, (split + 1) * CHUNK), split = program axis 1:
+    dw[split, CO, KH*KW*C] of masked_grad^T @ patches, and db[split, CO] of masked_grad from
+    the programs of the last K-tile index (one per output-channel tile)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_n = tl.cdiv(CO, BLOCK_N)
+    kt = pid // num_n
+    pid_n = pid - kt * num_n
+    K = KH * KW * C
+    if FLAT_K:
+        k_tiles = tl.cdiv(K, BLOCK_K)
+    else:
+        k_tiles = KH * KW * tl.cdiv(C, BLOCK_K)
+    M = N * OH * OW
+    m_start = split * CHUNK
+    m_end = tl.minimum(m_start + CHUNK, M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < CO
+    if kt == k_tiles:
+        db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            g_mask = (offs_m < m_end)[:, None] & n_ok[None, :]
+            g_offs = (offs_m.to(tl.int64) * CO)[:, None] + offs_n[None, :]
+            g = tl.load(grad_ptr + g_offs, mask=g_mask, other=0.0)
+            o = tl.load(out_ptr + g_offs, mask=g_mask, other=0.0)
+            db += tl.sum(tl.where(o > 0, g, 0.0).to(tl.float32), axis=0)
+        tl.store(db_ptr + split * CO + offs_n, db, mask=n_ok)
+    else:
+        k_idx, k_ok = _k_columns(kt, C, KH, KW, FLAT_K, BLOCK_K)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < m_end
+            n, oh, ow, ih0, iw0, row_base = _pixel_rows(offs_m, OH, OW, H, W, C, SH, SW, PH, PW)
+            g_mask = m_ok[:, None] & n_ok[None, :]
+            g_offs = (offs_m.to(tl.int64) * CO)[:, None] + offs_n[None, :]
+            g = tl.load(grad_ptr + g_offs, mask=g_mask, other=0.0)
+            o = tl.load(out_ptr + g_offs, mask=g_mask, other=0.0)
+            g = tl.where(o > 0, g, 0.0)
+            a = _load_patches(x_ptr, row_base, ih0, iw0, m_ok, kt, k_idx, k_ok, H, W, C, KW, FLAT_K, BLOCK_K)
+            acc = _mma(tl.trans(g), a, acc, PRECISION, UPCAST)
+        ptrs = dw_ptr + ((split * CO + offs_n).to(tl.int64) * K)[:, None] + k_idx[None, :]
+        tl.store(ptrs, acc, mask=n_ok[:, None] & k_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+# ---------------------------------------------------------------------------------------------
+# Weight-gradient splits over M: each split reduces at least _SPLIT_MIN_ROWS pixels, in chunks
+# aligned to the largest BLOCK_M. The interpreter runs tiny shapes, which still get several
+# splits so the cross-split sum is exercised.
+_SPLIT_MIN_ROWS = 32 if _INTERPRETED else 1024
+_CHUNK_ALIGN = 32 if _INTERPRETED else 256
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _flat_k(c_in: int) -> bool:
+    """Flat K when channel blocks of _CHANNEL_BLOCK would pad C_in by more than a quarter."""
+    return triton.cdiv(c_in, _CHANNEL_BLOCK) * _CHANNEL_BLOCK * 4 > c_in * 5
+
+
+def _dot_modes(dtype: torch.dtype) -> tuple[str, bool]:
+    """(tl.dot input_precision, whether to widen bfloat16 tiles for the interpreter)."""
+    precision = "ieee" if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32 else "tf32"
+    return precision, _INTERPRETED and dtype == torch.bfloat16
+
+
+def _check_tensors(dtype: torch.dtype, device: torch.device, **tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16 for the triton kernels, got {t.dtype}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must have dtype {dtype} like the other operands, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} must be on device {device} like the other operands, got {t.device}")
+
+
+def _check_geometry(kernel_hw, stride, padding) -> None:
+    for name, v, low in (("kernel_hw", kernel_hw, 1), ("stride", stride, 1), ("padding", padding, 0)):
+        if len(v) != 2 or min(v) < low:
+            raise ValueError(f"{name} must be 2 ints >= {low}, got {list(v)}")
+
+
+def _check_rows(*counts: int) -> None:
+    if max(counts) > _INT32_MAX:
+        raise ValueError(f"the batch has {max(counts)} pixels; the triton kernels index up to 2**31 - 1")
+
+
+def _out_hw(in_hw, kernel_hw, stride, padding) -> tuple[int, int]:
+    return tuple(reference.conv_output_size(n, k, s, p) for n, k, s, p in zip(in_hw, kernel_hw, stride, padding))
+
+
+def _weight_k_major(weight: Tensor) -> Tensor:
+    """[C_out, KH, KW, C_in] contiguous: row co of the GEMM's weight matrix in K order."""
+    return weight.permute(0, 2, 3, 1).contiguous()
+
+
+def _k_tiles(kernel_hw, c_in: int, flat: bool, block_k: int) -> int:
+    kh, kw = kernel_hw
+    return triton.cdiv(kh * kw * c_in, block_k) if flat else kh * kw * triton.cdiv(c_in, block_k)
+
+
+@triton_op(f"{NAMESPACE}::conv2d_relu", mutates_args=(),
+           schema="(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding) -> Tensor")
+def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int]) -> Tensor:
+    _check_tensors(x.dtype, x.device, x=x, weight=weight)
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"bias must be None or a ({weight.shape[0]},) {x.dtype} tensor on {x.device}, "
+                         f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must have x's {x.shape[1]} input channels in dim 1, got {tuple(weight.shape)}")
+    _check_geometry(weight.shape[-2:], stride, padding)
+    n, c, h, w = x.shape
+    co, _, kh, kw = weight.shape
+    oh, ow = _out_hw((h, w), (kh, kw), stride, padding)
+    if min(oh, ow) < 1:
+        raise ValueError(f"kernel {(kh, kw)} is larger than the padded input {(h, w)} with padding {list(padding)}")
+    _check_rows(n * oh * ow)
+    out = torch.empty((n, co, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    if out.numel() == 0:
+        return out
+    x_nhwc = x.contiguous(memory_format=torch.channels_last)
+    w_k = _weight_k_major(weight)
+    precision, upcast = _dot_modes(x.dtype)
+
+    def grid(meta):
+        return (triton.cdiv(n * oh * ow, meta["BLOCK_M"]) * triton.cdiv(co, meta["BLOCK_N"]),)
+
+    wrap_triton(conv2d_relu_forward_kernel)[grid](
+        x_nhwc, w_k, bias if bias is not None else w_k, out,
+        n, h, w, c, oh, ow, co, *out.stride(),
+        KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
+        HAS_BIAS=bias is not None, FLAT_K=_flat_k(c), PRECISION=precision, UPCAST=upcast)
+    return out
+
+
+@triton_op(f"{NAMESPACE}::conv2d_relu_backward_input", mutates_args=(),
+           schema="(Tensor grad_out, Tensor out, Tensor weight, int[2] input_hw, int[2] stride, "
+                  "int[2] padding) -> Tensor")
+def conv2d_relu_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, input_hw: list[int],
+                               stride: list[int], padding: list[int]) -> Tensor:
+    _check_tensors(grad_out.dtype, grad_out.device, grad_out=grad_out, out=out, weight=weight)
+    _check_geometry(weight.shape[-2:], stride, padding)
+    n, co, oh, ow = grad_out.shape
+    _, c, kh, kw = weight.shape
+    h, w = input_hw
+    if out.shape != grad_out.shape or weight.shape[0] != co or _out_hw((h, w), (kh, kw), stride, padding) != (oh, ow):
+        raise ValueError(
+            f"grad_out {tuple(grad_out.shape)}, out {tuple(out.shape)}, weight {tuple(weight.shape)} and input_hw "
+            f"{list(input_hw)} do not describe one convolution with stride {list(stride)}, padding {list(padding)}")
+    _check_rows(n * h * w, n * oh * ow)
+    dx = torch.empty((n, c, h, w), dtype=grad_out.dtype, device=grad_out.device,
+                     memory_format=output_memory_format(grad_out))
+    if dx.numel() == 0:
+        return dx
+    g_nhwc = grad_out.contiguous(memory_format=torch.channels_last)
+    o_nhwc = out.contiguous(memory_format=torch.channels_last)
+    w_k = _weight_k_major(weight)
+    precision, upcast = _dot_modes(grad_out.dtype)
+    sh, sw = stride
+    phase_rows = n * triton.cdiv(h, sh) * triton.cdiv(w, sw)
+
+    def grid(meta):
+        return (triton.cdiv(phase_rows, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]), sh * sw)
+
+    wrap_triton(conv2d_relu_backward_input_kernel)[grid](
+        g_nhwc, o_nhwc, w_k, dx,
+        n, h, w, c, oh, ow, co, *dx.stride(),
+        KH=kh, KW=kw, SH=sh, SW=sw, PH=padding[0], PW=padding[1], PRECISION=precision, UPCAST=upcast)
+    return dx
+
+
+def _weight_grad_splits(rows: int, c_out: int, k: int, device: torch.device) -> tuple[int, int]:
+    """(rows per split, number of splits): enough programs to fill the GPU about twice over,
+    counting one program per nominal 128 x 128 tile of the [C_out, K] gradient."""
+    tiles = triton.cdiv(c_out, 128) * triton.cdiv(k, 128)
+    splits = max(1, min(triton.cdiv(2 * _sm_count(device), tiles), rows // _SPLIT_MIN_ROWS))
+    chunk = triton.cdiv(triton.cdiv(rows, splits), _CHUNK_ALIGN) * _CHUNK_ALIGN
+    return chunk, triton.cdiv(rows, chunk)
+
+
+@triton_op(f"{NAMESPACE}::conv2d_relu_backward_weight", mutates_args=(),
+           schema="(Tensor grad_out, Tensor out, Tensor x, int[2] kernel_hw, int[2] stride, "
+                  "int[2] padding) -> (Tensor, Tensor)")
+def conv2d_relu_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kernel_hw: list[int],
+                                stride: list[int], padding: list[int]) -> tuple[Tensor, Tensor]:
+    _check_tensors(grad_out.dtype, grad_out.device, grad_out=grad_out, out=out, x=x)
+    _check_geometry(kernel_hw, stride, padding)
+    n, co, oh, ow = grad_out.shape
+    _, c, h, w = x.shape
+    kh, kw = kernel_hw
+    if out.shape != grad_out.shape or x.shape[0] != n or _out_hw((h, w), (kh, kw), stride, padding) != (oh, ow):
+        raise ValueError(
+            f"grad_out {tuple(grad_out.shape)}, out {tuple(out.shape)}, x {tuple(x.shape)} and kernel_hw "
+            f"{list(kernel_hw)} do not describe one convolution with stride {list(stride)}, padding {list(padding)}")
+    rows = n * oh * ow
+    _check_rows(rows, n * h * w)
+    grad_w = torch.empty((co, c, kh, kw), dtype=grad_out.dtype, device=grad_out.device)
+    if rows == 0 or co == 0:
+        return grad_w.zero_(), grad_out.new_zeros((co,))
+    k = kh * kw * c
+    chunk, splits = _weight_grad_splits(rows, co, k, grad_out.device)
+    dw = torch.empty((splits, co, k), dtype=torch.float32, device=grad_out.device)
+    db = torch.empty((splits, co), dtype=torch.float32, device=grad_out.device)
+    flat = _flat_k(c)
+    precision, upcast = _dot_modes(grad_out.dtype)
+
+    def grid(meta):
+        # The extra K-tile index holds the bias programs.
+        return (triton.cdiv(co, meta["BLOCK_N"]) * (_k_tiles((kh, kw), c, flat, meta["BLOCK_K"]) + 1), splits)
+
+    wrap_triton(conv2d_relu_backward_weight_kernel)[grid](
+        grad_out.contiguous(memory_format=torch.channels_last), out.contiguous(memory_format=torch.channels_last),
+        x.contiguous(memory_format=torch.channels_last), dw, db,
+        n, h, w, c, oh, ow, co, chunk,
+        KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
+        FLAT_K=flat, PRECISION=precision, UPCAST=upcast)
+    grad_w.copy_(dw.sum(0).view(co, kh, kw, c).permute(0, 3, 1, 2))
+    return grad_w, db.sum(0).to(grad_out.dtype)
+
+
+autograd.register(torch.ops.alexnet_fast_triton, ("conv2d_relu",))

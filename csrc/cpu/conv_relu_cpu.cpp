@@ -5,7 +5,11 @@
 // m = (n, oh, ow). Its orientation in memory follows the layout of the tensor it is built from or
 // written to: pixel-major for channels_last tensors (channels contiguous, K ordered (ki, kj, ci)),
 // pixel-minor for NCHW (K ordered (ci, ki, kj)), so gathers and scatters walk memory in order.
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
+
+#include <utility>
+#include <vector>
 
 #include "cpu/cpu_common.h"
 
@@ -69,6 +73,12 @@ at::Tensor new_matrix(int64_t rows, int64_t cols, bool row_major, at::ScalarType
   return row_major ? at::empty({rows, cols}, opts) : at::empty({cols, rows}, opts).t();
 }
 
+// Our ops have no Autocast kernel, so the at::mm calls inside would be autocast again (to
+// bfloat16 under a CPU autocast region): the GEMMs run in the opmath dtype the kernels chose.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
 // Strided element access to a 2-D matrix.
 template <typename T>
 struct Mat {
@@ -86,7 +96,8 @@ void im2col(const at::Tensor& x, int64_t n0, int64_t nb, const ConvGeom& g, cons
   const Strides4 xs(x);
   const Mat<acc_t> cm(cols);
   const int64_t P = g.pixels(), K = g.K();
-  if (cm.s1 == 1) {  // pixel-major: one output pixel's K values per iteration
+  if (cm.s1 == 1) {  // pixel-major: the K values of one output pixel, a run of C_in per (ki, kj)
+    const int64_t step = ko.ci * cm.s1;
     at::parallel_for(0, nb * P, std::max<int64_t>(1, at::internal::GRAIN_SIZE / K), [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) {
         const int64_t n = n0 + m / P, oh = (m % P) / g.OW, ow = m % g.OW;
@@ -94,28 +105,44 @@ void im2col(const at::Tensor& x, int64_t n0, int64_t nb, const ConvGeom& g, cons
           const int64_t ih = oh * g.sh - g.ph + ki;
           for (int64_t kj = 0; kj < g.kw; ++kj) {
             const int64_t iw = ow * g.sw - g.pw + kj;
-            const bool inside = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
-            for (int64_t ci = 0; ci < g.C_in; ++ci) {
-              cm(m, ko(ci, ki, kj)) = inside ? static_cast<acc_t>(xp[xs(n, ci, ih, iw)]) : acc_t(0);
+            acc_t* dst = &cm(m, ko(0, ki, kj));
+            if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) {
+              const scalar_t* src = xp + xs(n, 0, ih, iw);
+              for (int64_t ci = 0; ci < g.C_in; ++ci) dst[ci * step] = static_cast<acc_t>(src[ci * xs.c]);
+            } else {
+              for (int64_t ci = 0; ci < g.C_in; ++ci) dst[ci * step] = acc_t(0);
             }
           }
         }
       }
     });
-  } else {  // pixel-minor: one (k, image) row segment of P values per iteration
+  } else {  // pixel-minor: for one k and image, rows of OW values, each zeros | input run | zeros
+    // Output columns whose iw = ow * sw - pw + kj lies inside [0, W), for each kj.
+    std::vector<std::pair<int64_t, int64_t>> inside(g.kw);
+    for (int64_t kj = 0; kj < g.kw; ++kj) {
+      const int64_t first = g.pw - kj, last = g.W - 1 + g.pw - kj;  // ow * sw in [first, last]
+      const int64_t lo = first <= 0 ? 0 : std::min(g.OW, (first + g.sw - 1) / g.sw);
+      const int64_t hi = last < 0 ? lo : std::clamp<int64_t>(last / g.sw + 1, lo, g.OW);
+      inside[kj] = {lo, hi};
+    }
     at::parallel_for(0, K * nb, std::max<int64_t>(1, at::internal::GRAIN_SIZE / P), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t nl = i % nb, kidx = i / nb;
         const int64_t kj = kidx % g.kw, ki = (kidx / g.kw) % g.kh, ci = kidx / (g.kw * g.kh);
-        const int64_t k = ko(ci, ki, kj), n = n0 + nl;
+        const int64_t k = ko(ci, ki, kj);
+        const auto [lo, hi] = inside[kj];
         for (int64_t oh = 0; oh < g.OH; ++oh) {
           const int64_t ih = oh * g.sh - g.ph + ki;
-          const bool row_inside = ih >= 0 && ih < g.H;
-          for (int64_t ow = 0; ow < g.OW; ++ow) {
-            const int64_t iw = ow * g.sw - g.pw + kj;
-            const bool inside = row_inside && iw >= 0 && iw < g.W;
-            cm(nl * P + oh * g.OW + ow, k) = inside ? static_cast<acc_t>(xp[xs(n, ci, ih, iw)]) : acc_t(0);
+          acc_t* dst = &cm(nl * P + oh * g.OW, k);
+          if (ih < 0 || ih >= g.H) {
+            for (int64_t ow = 0; ow < g.OW; ++ow) dst[ow * cm.s0] = acc_t(0);
+            continue;
           }
+          const scalar_t* src = xp + xs(n0 + nl, ci, ih, 0) + (kj - g.pw) * xs.w;
+          const int64_t src_step = g.sw * xs.w;
+          for (int64_t ow = 0; ow < lo; ++ow) dst[ow * cm.s0] = acc_t(0);
+          for (int64_t ow = lo; ow < hi; ++ow) dst[ow * cm.s0] = static_cast<acc_t>(src[ow * src_step]);
+          for (int64_t ow = hi; ow < g.OW; ++ow) dst[ow * cm.s0] = acc_t(0);
         }
       }
     });
@@ -166,6 +193,7 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   if (out.numel() == 0) return out;
   const bool x_cl = is_channels_last(x), out_cl = fmt == at::MemoryFormat::ChannelsLast;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_cpu", [&] {
+    const NoAutocast no_autocast;
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const KOrder ko(g, x_cl);
@@ -224,6 +252,7 @@ at::Tensor conv2d_relu_backward_input_cpu(const at::Tensor& grad_out, const at::
   if (grad_x.numel() == 0) return grad_x;
   const bool dx_cl = fmt == at::MemoryFormat::ChannelsLast;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "conv2d_relu_backward_input_cpu", [&] {
+    const NoAutocast no_autocast;
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const KOrder ko(g, dx_cl);
@@ -276,6 +305,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_backward_weight_cpu(const at::Ten
   at::Tensor grad_weight, grad_bias;
   const bool x_cl = is_channels_last(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "conv2d_relu_backward_weight_cpu", [&] {
+    const NoAutocast no_autocast;
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const KOrder ko(g, x_cl);

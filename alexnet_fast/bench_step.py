@@ -1,0 +1,208 @@
+"""The whole training step of the seed AlexNet (LRN included): forward, cross-entropy, backward and
+an SGD step (momentum 0.9, weight decay 5e-4), for every provider in the same run:
+
+``eager``           AlexNet(backend="torch"): the PyTorch reference ops, NCHW and channels_last
+``compile``         torch.compile of that reference model (channels_last, as the peers measured it)
+``auto``            AlexNet(backend="auto"), eager, NCHW and channels_last
+``auto+compile``    torch.compile of the auto model, in the layout where ``auto`` was faster
+``auto+cudagraph``  the auto model with the whole step (forward, backward, optimizer) captured in
+                    one CUDA graph and replayed; inputs are copied into static tensors first
+
+bf16 means autocast to bfloat16 with TF32 off; tf32 means float32 with TF32 on; fp32 means TF32
+off. Warm-up steps (and so compile time, reported separately) are excluded from the timing; two
+random batches alternate.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from alexnet_fast.bench import Skipped, error_status, format_row, make_row, peak_memory_mb, precision, synchronize, time_fn
+from alexnet_fast.model import INPUT_SIZE, AlexNet
+
+STEP_PROVIDERS = ("eager", "compile", "auto", "auto+compile", "auto+cudagraph")
+STEP_DTYPES = ("bf16", "tf32", "fp32")
+COMPILED = ("compile", "auto+compile")
+NUM_CLASSES = 10
+SGD_ARGS = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+WARMUP_STEPS = 3
+NUM_BATCHES = 2
+
+
+@dataclass
+class Step:
+    fn: object  # one training step on the next batch
+    warmup_s: float  # wall time of the warm-up steps: compile time for the compiled providers
+    note: str
+
+
+def prepare_step(provider: str, layout: str, batch: int, dtype: str, size: int, device: str, seed: int = 0) -> Step:
+    """Build the model, optimizer and batches for ``provider`` and run the warm-up steps (and the
+    CUDA-graph capture); raises Skipped when the provider cannot run on ``device``."""
+    if provider not in STEP_PROVIDERS:
+        raise ValueError(f"provider must be one of {STEP_PROVIDERS}, got {provider!r}")
+    if dtype not in STEP_DTYPES:
+        raise ValueError(f"dtype must be one of {STEP_DTYPES}, got {dtype!r}")
+    graphed = provider == "auto+cudagraph"
+    if graphed and device != "cuda":
+        raise Skipped("CUDA graphs need a CUDA device")
+    torch.manual_seed(seed)
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    backend = "torch" if provider in ("eager", "compile") else "auto"
+    model = AlexNet(num_classes=NUM_CLASSES, backend=backend).to(device).to(memory_format=fmt).train()
+    # SGD keeps no step counter on the device, so it needs no capturable flag to be captured.
+    opt = torch.optim.SGD(model.parameters(), **SGD_ARGS)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    images = [torch.randn((batch, 3, size, size), generator=gen, device=device).contiguous(memory_format=fmt)
+              for _ in range(NUM_BATCHES)]
+    labels = [torch.randint(0, NUM_CLASSES, (batch,), generator=gen, device=device) for _ in range(NUM_BATCHES)]
+    forward = torch.compile(model) if provider in COMPILED else model
+    amp = dtype == "bf16"
+
+    def step(x, y):
+        # The autocast weight cache must be off while capturing (its casts would be freed outside
+        # the graph's memory pool).
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp, cache_enabled=not graphed):
+            loss = F.cross_entropy(forward(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    order = itertools.cycle(range(NUM_BATCHES))
+    start = time.perf_counter()
+    if graphed:
+        static_x, static_y = images[0].clone(), labels[0].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                step(static_x, static_y)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)  # backward allocates the gradients inside the graph's pool
+        with torch.cuda.graph(graph):
+            static_loss = step(static_x, static_y)
+
+        def run():
+            i = next(order)
+            static_x.copy_(images[i])
+            static_y.copy_(labels[i])
+            graph.replay()
+            return static_loss
+        loss = run()
+        note = "whole step replayed from one CUDA graph"
+    else:
+        def run():
+            i = next(order)
+            return step(images[i], labels[i])
+        for _ in range(WARMUP_STEPS):
+            loss = run()
+        note = ""
+    synchronize(device)
+    warmup_s = time.perf_counter() - start
+    if not math.isfinite(loss.item()):
+        raise RuntimeError(f"the loss is {loss.item()} after {WARMUP_STEPS} warm-up steps")
+    return Step(run, warmup_s, note)
+
+
+def selection(cfg) -> dict:
+    cuda = cfg.device == "cuda"
+    tiny = cfg.quick and not cuda
+    dtypes = tuple(d for d in cfg.dtypes if d in STEP_DTYPES) if cfg.dtypes else (
+        ("bf16",) if cfg.quick and cuda else ("bf16", "tf32") if cuda else ("fp32",))
+    return {
+        "dtypes": dtypes,
+        "dropped_dtypes": tuple(d for d in cfg.dtypes or () if d not in STEP_DTYPES),
+        "layouts": cfg.layouts or (("nchw",) if cfg.quick else ("nchw", "nhwc")),
+        "compile_layout": "nhwc" if cfg.layouts is None or "nhwc" in cfg.layouts else cfg.layouts[0],
+        "batches": (cfg.batch,) if cfg.batch else ((2,) if tiny else (128,) if cfg.quick else (128, 256)),
+        "size": cfg.image_size or (128 if tiny else INPUT_SIZE),
+        "providers": tuple(p for p in STEP_PROVIDERS if cfg.providers is None or p in cfg.providers),
+        "warmup_ms": 10 if cfg.quick else 25,
+        "rep_ms": 50 if tiny else (100 if cfg.quick else 300),
+    }
+
+
+def compile_plan(sel, cfg) -> tuple:
+    """(compiled providers, batch, dtype): torch.compile of the whole model costs ~30 s per
+    configuration on the H200, so the compiled providers run for one batch size and one dtype
+    (bf16 when selected); --quick keeps only the compiled reference, on CUDA."""
+    providers = tuple(p for p in sel["providers"] if p in COMPILED and not (cfg.quick and p == "auto+compile"))
+    if cfg.quick and cfg.device != "cuda":
+        providers = ()
+    dtype = "bf16" if "bf16" in sel["dtypes"] else (sel["dtypes"] or (None,))[0]
+    return providers, sel["batches"][0], dtype
+
+
+def check_config(cfg) -> None:
+    from alexnet_fast.bench_ops import check_config as check_sizes
+
+    check_sizes(cfg)
+
+
+def run(cfg, env: dict) -> list[dict]:
+    sel = selection(cfg)
+    device = cfg.device
+    compiled, compile_batch, compile_dtype = compile_plan(sel, cfg)
+    if sel["dropped_dtypes"]:
+        print(f"training step: {', '.join(sel['dropped_dtypes'])} not measured (runs in {', '.join(STEP_DTYPES)}; "
+              "fp16 training would need a loss scaler)", flush=True)
+    skipped_compile = [p for p in sel["providers"] if p in COMPILED and p not in compiled]
+    if compiled:
+        print(f"training step: {', '.join(compiled)} at batch {compile_batch}, {compile_dtype} only "
+              "(compile time)", flush=True)
+    if skipped_compile:
+        print(f"training step: {', '.join(skipped_compile)} not run under --quick"
+              f"{' on the CPU' if device != 'cuda' and 'compile' in skipped_compile else ''}", flush=True)
+    rows = []
+    for batch in sel["batches"]:
+        for dtype in sel["dtypes"]:
+            auto_ms = {}
+            for provider, layout in _order(sel, batch, dtype, compiled, compile_batch, compile_dtype):
+                if layout == "best":
+                    layout = min(auto_ms, key=auto_ms.get) if auto_ms else sel["layouts"][0]
+                with precision(dtype):
+                    row = _measure(provider, layout, batch, dtype, sel, device, env)
+                if provider == "auto" and row["status"] == "ok":
+                    auto_ms[layout] = row["ms"]
+                rows.append(row)
+                print(format_row(row), flush=True)
+                if provider in COMPILED:
+                    torch.compiler.reset()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def _order(sel, batch, dtype, compiled, compile_batch, compile_dtype):
+    with_compile = batch == compile_batch and dtype == compile_dtype
+    for provider in sel["providers"]:
+        if provider in COMPILED:
+            if provider in compiled and with_compile:
+                yield provider, sel["compile_layout"] if provider == "compile" else "best"
+            continue
+        for layout in sel["layouts"]:
+            yield provider, layout
+
+
+def _measure(provider, layout, batch, dtype, sel, device, env) -> dict:
+    size = sel["size"]
+    row = make_row(env, kernel="train_step", provider=provider, mode="train", shape=f"{batch}x3x{size}x{size}",
+                   dtype=dtype, layout=layout, op="alexnet")
+    try:
+        step = prepare_step(provider, layout, batch, dtype, size, device)
+        timing = time_fn(step.fn, device, sel["warmup_ms"], sel["rep_ms"])
+        peak = None if provider == "auto+cudagraph" else peak_memory_mb(step.fn, device)
+    except Exception as e:  # a provider that cannot run is reported, never fatal
+        row["status"], row["note"] = error_status(e)
+        return row
+    row.update(status="ok", ms=timing.ms, ms_p20=timing.p20, ms_p80=timing.p80, method=timing.method,
+               images_per_s=batch / timing.ms * 1e3, peak_mb=peak, note=step.note,
+               compile_s=step.warmup_s if provider in COMPILED else None)
+    return row

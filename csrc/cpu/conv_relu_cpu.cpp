@@ -64,7 +64,7 @@ struct KOrder {
 at::Tensor weight_matrix(const at::Tensor& weight, bool channels_last, at::ScalarType acc) {
   at::Tensor w = weight.to(acc);
   if (channels_last) w = w.permute({0, 2, 3, 1});
-  return w.contiguous().view({weight.size(0), -1});
+  return w.contiguous().view({weight.size(0), weight.size(1) * weight.size(2) * weight.size(3)});
 }
 
 // A logical [rows, cols] opmath matrix, stored row-major (pixel-major) or column-major.

@@ -1,0 +1,356 @@
+"""LRN and the fused LRN->max-pool in Triton, forward and backward.
+
+A program owns ``BLOCK_P`` pixels of one image and ``CB`` consecutive channels. It loads the
+channels it needs (its own plus a halo on each side, see ``_common.load_channels``) once, as one
+``[BLOCK_P]`` tensor per channel, and forms every window sum from neighbouring entries, so each
+denominator's power is computed once per channel and program. The backward recomputes the
+denominators from x (LRN saves nothing but x):
+
+    dx[j] = g[j] * D[j]^-beta - 2 * alpha/size * beta * x[j] * sum_{c : j in W(c)} g[c] x[c] D[c]^(-beta-1)
+
+where ``W(c) = [c - size//2, c + (size-1)//2]`` and ``j in W(c)`` iff ``c in [j - (size-1)//2, j + size//2]``.
+
+The fused op computes the LRN at every element of each pooling window (the full-resolution LRN
+output never reaches memory) and compares the values rounded to the output dtype, as
+``max_pool2d(lrn(x))`` would see them. Its backward gathers the pooled gradient of each input
+pixel from the windows that chose it (cells as in ``pool.py``) and feeds it to the LRN backward.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+import alexnet_fast.autograd
+from alexnet_fast.ops import output_memory_format
+from alexnet_fast.triton._common import (autotune_by_layout, channels_last_variant, flattenable, load_channels,
+                                         pixel_stride, store_channels)
+from alexnet_fast.triton.pool import needs_wide_offsets, pool_outputs
+
+
+def _halos(size: int) -> tuple[int, int]:
+    """Channels loaded on each side of a block: (forward: the window, backward: two windows),
+    rounded up to powers of two so channels_last tiles stay power-of-two wide."""
+    lo = size // 2
+    return triton.next_power_of_2(lo) if lo else 0, triton.next_power_of_2(size - 1) if size > 1 else 0
+
+
+@triton.jit
+def _load_with_halo(ptr, offs, mask, c0, C, stride_c, HALO: tl.constexpr, CB: tl.constexpr,
+                    BLOCK_P: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr):
+    """Channels ``c0 - HALO .. c0 + CB + HALO - 1`` as a tuple (entry ``HALO + j`` is channel c0 + j)."""
+    chans = load_channels(ptr, offs, mask, c0, C, stride_c, CB, BLOCK_P, CHANNELS_LAST, ACC)
+    if HALO > 0:
+        left = load_channels(ptr, offs, mask, c0 - HALO, C, stride_c, HALO, BLOCK_P, CHANNELS_LAST, ACC)
+        right = load_channels(ptr, offs, mask, c0 + CB, C, stride_c, HALO, BLOCK_P, CHANNELS_LAST, ACC)
+        chans = left + chans + right
+    return chans
+
+
+@triton.jit
+def _lrn_values(xs, OFF: tl.constexpr, CB: tl.constexpr, SIZE: tl.constexpr, alpha_over_size, neg_beta, k):
+    """LRN of the channels ``xs[OFF] .. xs[OFF + CB - 1]`` (their windows lie inside ``xs``)."""
+    ys = ()
+    for j in tl.static_range(CB):
+        first: tl.constexpr = OFF + j - SIZE // 2
+        s = xs[first] * xs[first]
+        for d in tl.static_range(1, SIZE):
+            s += xs[first + d] * xs[first + d]
+        den = k + alpha_over_size * s
+        ys = ys + (xs[OFF + j] * tl.exp2(neg_beta * tl.log2(den)),)
+    return ys
+
+
+@triton.jit
+def _lrn_backward_values(xs, XOFF: tl.constexpr, gs, GOFF: tl.constexpr, CB: tl.constexpr, SIZE: tl.constexpr,
+                         alpha_over_size, neg_beta, k):
+    """dx of the channels at ``xs[XOFF] .. xs[XOFF + CB - 1]`` from x and the output gradient
+    (``gs[GOFF + j]`` is the channel of ``xs[XOFF + j]``)."""
+    LO: tl.constexpr = SIZE // 2
+    HI: tl.constexpr = (SIZE - 1) // 2
+    # Per channel c in [-HI, CB + LO): gp = g D^(-beta-1), D and t = gp * x.
+    gps = ()
+    dens = ()
+    ts = ()
+    for t in tl.static_range(CB + SIZE - 1):
+        xi: tl.constexpr = XOFF + t - HI
+        s = xs[xi - LO] * xs[xi - LO]
+        for d in tl.static_range(1, SIZE):
+            s += xs[xi - LO + d] * xs[xi - LO + d]
+        den = k + alpha_over_size * s
+        gp = gs[GOFF + t - HI] * tl.exp2((neg_beta - 1.0) * tl.log2(den))
+        gps = gps + (gp,)
+        dens = dens + (den,)
+        ts = ts + (gp * xs[xi],)
+    coef = 2.0 * alpha_over_size * neg_beta
+    dxs = ()
+    for j in tl.static_range(CB):
+        r = ts[j]
+        for d in tl.static_range(1, SIZE):
+            r += ts[j + d]
+        dxs = dxs + (gps[j + HI] * dens[j + HI] + coef * xs[XOFF + j] * r,)
+    return dxs
+
+
+@triton.jit
+def _program_block(C, HW, CB: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(image, first channel, first pixel) of this program; channel blocks vary fastest, so the
+    programs sharing a halo run together and find it in L2."""
+    pid = tl.program_id(0)
+    num_cb = tl.cdiv(C, CB)
+    num_pb = tl.cdiv(HW, BLOCK_P)
+    rest = pid // num_cb
+    return rest // num_pb, (pid % num_cb) * CB, (rest % num_pb) * BLOCK_P
+
+
+@triton.jit
+def _lrn_forward_kernel(x_ptr, out_ptr, C, HW, x_sn, x_sc, x_sp, o_sn, o_sc, o_sp, alpha_over_size, neg_beta, k,
+                        SIZE: tl.constexpr, HALO: tl.constexpr, BLOCK_P: tl.constexpr, CB: tl.constexpr,
+                        CHANNELS_LAST: tl.constexpr):
+    n, c0, p0 = _program_block(C, HW, CB, BLOCK_P)
+    p = tl.arange(0, BLOCK_P)
+    mask = p0 + p < HW
+    x = x_ptr + n.to(tl.int64) * x_sn + p0.to(tl.int64) * x_sp
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    xs = _load_with_halo(x, p * x_sp, mask, c0, C, x_sc, HALO, CB, BLOCK_P, CHANNELS_LAST, ACC)
+    ys = _lrn_values(xs, HALO, CB, SIZE, alpha_over_size, neg_beta, k)
+    out = out_ptr + n.to(tl.int64) * o_sn + p0.to(tl.int64) * o_sp
+    store_channels(out, p * o_sp, mask, ys, c0, C, o_sc, CB, BLOCK_P, CHANNELS_LAST)
+
+
+@triton.jit
+def _lrn_backward_kernel(g_ptr, x_ptr, dx_ptr, C, HW, g_sn, g_sc, g_sp, x_sn, x_sc, x_sp, d_sn, d_sc, d_sp,
+                         alpha_over_size, neg_beta, k, SIZE: tl.constexpr, GHALO: tl.constexpr,
+                         XHALO: tl.constexpr, BLOCK_P: tl.constexpr, CB: tl.constexpr,
+                         CHANNELS_LAST: tl.constexpr):
+    n, c0, p0 = _program_block(C, HW, CB, BLOCK_P)
+    p = tl.arange(0, BLOCK_P)
+    mask = p0 + p < HW
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    x = x_ptr + n.to(tl.int64) * x_sn + p0.to(tl.int64) * x_sp
+    g = g_ptr + n.to(tl.int64) * g_sn + p0.to(tl.int64) * g_sp
+    xs = _load_with_halo(x, p * x_sp, mask, c0, C, x_sc, XHALO, CB, BLOCK_P, CHANNELS_LAST, ACC)
+    gs = _load_with_halo(g, p * g_sp, mask, c0, C, g_sc, GHALO, CB, BLOCK_P, CHANNELS_LAST, ACC)
+    dxs = _lrn_backward_values(xs, XHALO, gs, GHALO, CB, SIZE, alpha_over_size, neg_beta, k)
+    dx = dx_ptr + n.to(tl.int64) * d_sn + p0.to(tl.int64) * d_sp
+    store_channels(dx, p * d_sp, mask, dxs, c0, C, d_sc, CB, BLOCK_P, CHANNELS_LAST)
+
+
+
+
+@triton.jit
+def _lrn_max_pool_forward_kernel(x_ptr, out_ptr, idx_ptr, C, OH, OW, x_sn, x_sc, x_sh, x_sw, o_sn, o_sc, o_sh, o_sw,
+                                 alpha_over_size, neg_beta, k, SIZE: tl.constexpr, HALO: tl.constexpr,
+                                 KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                                 WIDE: tl.constexpr, BLOCK_P: tl.constexpr, CB: tl.constexpr,
+                                 CHANNELS_LAST: tl.constexpr):
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    OUT: tl.constexpr = out_ptr.dtype.element_ty
+    n, c0, q0 = _program_block(C, OH * OW, CB, BLOCK_P)
+    q = q0 + tl.arange(0, BLOCK_P)
+    mask = q < OH * OW
+    if WIDE:
+        q = q.to(tl.int64)
+    oh = q // OW
+    ow = q % OW
+    x = x_ptr + n.to(tl.int64) * x_sn
+    best = ()
+    best_k = ()
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            offs = (oh * SH + kh) * x_sh + (ow * SW + kw) * x_sw
+            xs = _load_with_halo(x, offs, mask, c0, C, x_sc, HALO, CB, BLOCK_P, CHANNELS_LAST, ACC)
+            ys = _lrn_values(xs, HALO, CB, SIZE, alpha_over_size, neg_beta, k)
+            # Compare in the output dtype, as max_pool2d(lrn(x)) sees the values: ties stay ties.
+            if kh + kw == 0:
+                for j in tl.static_range(CB):
+                    best = best + (ys[j].to(OUT),)
+                    best_k = best_k + (tl.zeros((BLOCK_P,), tl.int32),)
+            else:
+                new_best = ()
+                new_k = ()
+                for j in tl.static_range(CB):
+                    v = ys[j].to(OUT)
+                    take = (v > best[j]) | (v != v)
+                    new_best = new_best + (tl.where(take, v, best[j]),)
+                    new_k = new_k + (tl.where(take, kh * KW + kw, best_k[j]),)
+                best = new_best
+                best_k = new_k
+    o = n.to(tl.int64) * o_sn
+    offs = oh * o_sh + ow * o_sw
+    store_channels(out_ptr + o, offs, mask, best, c0, C, o_sc, CB, BLOCK_P, CHANNELS_LAST)
+    store_channels(idx_ptr + o, offs, mask, best_k, c0, C, o_sc, CB, BLOCK_P, CHANNELS_LAST)
+
+
+@triton.jit
+def _lrn_max_pool_backward_kernel(g_ptr, x_ptr, idx_ptr, dx_ptr, C, H, W, OH, OW, NCY, NCX,
+                                  g_sn, g_sc, g_sh, g_sw, x_sn, x_sc, x_sh, x_sw, i_sn, i_sc, i_sh, i_sw,
+                                  d_sn, d_sc, d_sh, d_sw, alpha_over_size, neg_beta, k,
+                                  SIZE: tl.constexpr, GHALO: tl.constexpr, XHALO: tl.constexpr,
+                                  KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                                  WIDE: tl.constexpr, BLOCK_P: tl.constexpr, CB: tl.constexpr,
+                                  CHANNELS_LAST: tl.constexpr):
+    """Input cells of SH x SW pixels as in pool.py's backward; the pixel at (a, b) of a cell takes
+    the pooled gradient of each window t rows and u columns up-left whose offset it holds."""
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    TM: tl.constexpr = (KH + SH - 1) // SH
+    UM: tl.constexpr = (KW + SW - 1) // SW
+    n, c0, q0 = _program_block(C, NCY * NCX, CB, BLOCK_P)
+    q = q0 + tl.arange(0, BLOCK_P)
+    qmask = q < NCY * NCX
+    if WIDE:
+        q = q.to(tl.int64)
+    cy = q // NCX
+    cx = q % NCX
+    g = g_ptr + n.to(tl.int64) * g_sn
+    x = x_ptr + n.to(tl.int64) * x_sn
+    ix = idx_ptr + n.to(tl.int64) * i_sn
+    dx = dx_ptr + n.to(tl.int64) * d_sn
+    for a in tl.static_range(SH):
+        for b in tl.static_range(SW):
+            ih = cy * SH + a
+            iw = cx * SW + b
+            pm = qmask & (ih < H) & (iw < W)
+            dys = ()
+            for i in tl.static_range(CB + 2 * GHALO):
+                dys = dys + (tl.zeros((BLOCK_P,), ACC),)
+            for t in tl.static_range(TM):
+                for u in tl.static_range(UM):
+                    kh: tl.constexpr = a + t * SH
+                    kw: tl.constexpr = b + u * SW
+                    if kh < KH:
+                        if kw < KW:
+                            oh = cy - t
+                            ow = cx - u
+                            wm = pm & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+                            ks = _load_with_halo(ix, oh * i_sh + ow * i_sw, wm, c0, C, i_sc, GHALO, CB, BLOCK_P,
+                                                 CHANNELS_LAST, tl.int32)
+                            gs = _load_with_halo(g, oh * g_sh + ow * g_sw, wm, c0, C, g_sc, GHALO, CB, BLOCK_P,
+                                                 CHANNELS_LAST, ACC)
+                            summed = ()
+                            for i in tl.static_range(CB + 2 * GHALO):
+                                summed = summed + (dys[i] + tl.where(ks[i] == kh * KW + kw, gs[i], 0),)
+                            dys = summed
+            xs = _load_with_halo(x, ih * x_sh + iw * x_sw, pm, c0, C, x_sc, XHALO, CB, BLOCK_P, CHANNELS_LAST, ACC)
+            dxs = _lrn_backward_values(xs, XHALO, dys, GHALO, CB, SIZE, alpha_over_size, neg_beta, k)
+            store_channels(dx, ih * d_sh + iw * d_sw, pm, dxs, c0, C, d_sc, CB, BLOCK_P, CHANNELS_LAST)
+
+
+def _P(kwargs, channels_last, num_warps=4):
+    return triton.Config({**kwargs, "CHANNELS_LAST": channels_last}, num_warps=num_warps)
+
+
+_LRN_FORWARD = autotune_by_layout(
+    _lrn_forward_kernel, ["C", "HW", "SIZE"],
+    pixel_configs=[_P({"BLOCK_P": p, "CB": cb}, False, w)
+                   for p, w in ((256, 2), (512, 4), (1024, 4), (1024, 8)) for cb in (8, 16)],
+    channel_configs=[_P({"BLOCK_P": p, "CB": cb}, True, w)
+                     for p, cb, w in ((32, 16, 2), (64, 16, 4), (128, 16, 4), (32, 32, 4), (64, 32, 4), (128, 32, 8))],
+    interpreter_configs=(_P({"BLOCK_P": 16, "CB": 4}, False), _P({"BLOCK_P": 8, "CB": 4}, True)),
+)
+_LRN_BACKWARD = autotune_by_layout(
+    _lrn_backward_kernel, ["C", "HW", "SIZE"],
+    pixel_configs=[_P({"BLOCK_P": p, "CB": cb}, False, w)
+                   for p, w in ((128, 1), (256, 2), (512, 4), (512, 8)) for cb in (8, 16)],
+    channel_configs=[_P({"BLOCK_P": p, "CB": cb}, True, w)
+                     for p, cb, w in ((32, 16, 2), (64, 16, 4), (128, 16, 4), (32, 32, 4), (64, 32, 8))],
+    interpreter_configs=(_P({"BLOCK_P": 16, "CB": 4}, False), _P({"BLOCK_P": 8, "CB": 4}, True)),
+)
+
+_FUSED_FORWARD = autotune_by_layout(
+    _lrn_max_pool_forward_kernel, ["C", "OH", "OW", "SIZE", "KH", "KW", "SH", "SW"],
+    pixel_configs=[_P({"BLOCK_P": p, "CB": cb}, False, w)
+                   for p, w in ((128, 1), (256, 2), (512, 4)) for cb in (4, 8, 16)],
+    channel_configs=[_P({"BLOCK_P": p, "CB": cb}, True, w)
+                     for p, cb, w in ((16, 16, 2), (32, 16, 2), (64, 16, 4), (32, 32, 4), (64, 32, 8))],
+    interpreter_configs=(_P({"BLOCK_P": 16, "CB": 4}, False), _P({"BLOCK_P": 8, "CB": 4}, True)),
+)
+_FUSED_BACKWARD = autotune_by_layout(
+    _lrn_max_pool_backward_kernel, ["C", "H", "W", "SIZE", "KH", "KW", "SH", "SW"],
+    pixel_configs=[_P({"BLOCK_P": p, "CB": cb}, False, w)
+                   for p, w in ((128, 1), (256, 2), (256, 4)) for cb in (4, 8, 16)],
+    channel_configs=[_P({"BLOCK_P": p, "CB": cb}, True, w)
+                     for p, cb, w in ((16, 16, 2), (32, 16, 2), (64, 16, 4), (32, 32, 4))],
+    interpreter_configs=(_P({"BLOCK_P": 16, "CB": 4}, False), _P({"BLOCK_P": 8, "CB": 4}, True)),
+)
+
+
+def _nchw_strides(t: Tensor) -> tuple[int, int, int]:
+    """(batch, channel, flattened pixel) strides of a tensor that ``flattenable`` accepted."""
+    return t.stride(0), t.stride(1), pixel_stride(t)
+
+
+def _grid(n: int, c: int, hw: int):
+    return lambda meta: (triton.cdiv(c, meta["CB"]) * triton.cdiv(hw, meta["BLOCK_P"]) * n,)
+
+
+@triton_op("alexnet_fast_triton::lrn", mutates_args=(),
+           schema="(Tensor x, int size, float alpha, float beta, float k) -> Tensor")
+def lrn(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
+    out = torch.empty_like(x, memory_format=output_memory_format(x))
+    if out.numel() == 0:
+        return out
+    x = flattenable(x)
+    n, c, h, w = x.shape
+    halo, _ = _halos(size)
+    wrap_triton(_LRN_FORWARD[channels_last_variant(x)])[_grid(n, c, h * w)](
+        x, out, c, h * w, *_nchw_strides(x), *_nchw_strides(out), alpha / size, -beta, k,
+        SIZE=size, HALO=halo)
+    return out
+
+
+@triton_op("alexnet_fast_triton::lrn_backward", mutates_args=(),
+           schema="(Tensor grad_out, Tensor x, int size, float alpha, float beta, float k) -> Tensor")
+def lrn_backward(grad_out: Tensor, x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
+    dx = torch.empty_like(x, memory_format=output_memory_format(x))
+    if dx.numel() == 0:
+        return dx
+    x, grad_out = flattenable(x), flattenable(grad_out)
+    n, c, h, w = x.shape
+    ghalo, xhalo = _halos(size)
+    wrap_triton(_LRN_BACKWARD[channels_last_variant(x)])[_grid(n, c, h * w)](
+        grad_out, x, dx, c, h * w, *_nchw_strides(grad_out), *_nchw_strides(x), *_nchw_strides(dx),
+        alpha / size, -beta, k, SIZE=size, GHALO=ghalo, XHALO=xhalo)
+    return dx
+
+
+@triton_op("alexnet_fast_triton::lrn_max_pool2d", mutates_args=(),
+           schema="(Tensor x, int size, float alpha, float beta, float k, int[2] kernel_size, int[2] stride) "
+                  "-> (Tensor, Tensor)")
+def lrn_max_pool2d(x: Tensor, size: int, alpha: float, beta: float, k: float, kernel_size: list[int],
+                   stride: list[int]) -> tuple[Tensor, Tensor]:
+    out, idx = pool_outputs(x, kernel_size, stride, (0, 0), False)
+    if out.numel() == 0:
+        return out, idx
+    n, c = x.shape[:2]
+    oh, ow = out.shape[-2:]
+    halo, _ = _halos(size)
+    wrap_triton(_FUSED_FORWARD[channels_last_variant(x)])[_grid(n, c, oh * ow)](
+        x, out, idx, c, oh, ow, *x.stride(), *out.stride(), alpha / size, -beta, k, SIZE=size, HALO=halo,
+        KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1], WIDE=needs_wide_offsets(x, out))
+    return out, idx
+
+
+@triton_op("alexnet_fast_triton::lrn_max_pool2d_backward", mutates_args=(),
+           schema="(Tensor grad_out, Tensor x, Tensor indices, int size, float alpha, float beta, float k, "
+                  "int[2] kernel_size, int[2] stride) -> Tensor")
+def lrn_max_pool2d_backward(grad_out: Tensor, x: Tensor, indices: Tensor, size: int, alpha: float, beta: float,
+                            k: float, kernel_size: list[int], stride: list[int]) -> Tensor:
+    dx = torch.empty_like(x, memory_format=output_memory_format(x))
+    if dx.numel() == 0:
+        return dx
+    n, c, h, w = x.shape
+    oh, ow = grad_out.shape[-2:]
+    (kh, kw), (sh, sw) = kernel_size, stride
+    ncy, ncx = triton.cdiv(h, sh), triton.cdiv(w, sw)
+    ghalo, xhalo = _halos(size)
+    wrap_triton(_FUSED_BACKWARD[channels_last_variant(x)])[_grid(n, c, ncy * ncx)](
+        grad_out, x, indices, dx, c, h, w, oh, ow, ncy, ncx, *grad_out.stride(), *x.stride(), *indices.stride(),
+        *dx.stride(), alpha / size, -beta, k, SIZE=size, GHALO=ghalo, XHALO=xhalo, KH=kh, KW=kw, SH=sh, SW=sw,
+        WIDE=needs_wide_offsets(x, grad_out))
+    return dx
+
+
+alexnet_fast.autograd.register(torch.ops.alexnet_fast_triton, ("lrn", "lrn_max_pool2d"))

@@ -85,10 +85,11 @@ def _quantile(values, q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def time_fn(fn, device_type: str, warmup_ms: float = 25, rep_ms: float = 100) -> Timing:
-    """Median and 20th/80th percentile milliseconds of ``fn()``, warm-up excluded."""
+def time_fn(fn, device_type: str, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 5) -> Timing:
+    """Median and 20th/80th percentile milliseconds of ``fn()``, warm-up excluded. ``min_reps``
+    applies on the CPU, where one call can outlast ``rep_ms``."""
     if device_type != "cuda":
-        return _cpu_timing(fn, warmup_ms, rep_ms)
+        return _cpu_timing(fn, warmup_ms, rep_ms, min_reps)
     try:
         from triton.testing import do_bench
     except ImportError as e:

@@ -41,7 +41,8 @@ class Step:
     note: str
 
 
-def prepare_step(provider: str, layout: str, batch: int, dtype: str, size: int, device: str, seed: int = 0) -> Step:
+def prepare_step(provider: str, layout: str, batch: int, dtype: str, size: int, device: str, seed: int = 0,
+                 warmup_steps: int = WARMUP_STEPS) -> Step:
     """Build the model, optimizer and batches for ``provider`` and run the warm-up steps (and the
     CUDA-graph capture); raises Skipped when the provider cannot run on ``device``."""
     if provider not in STEP_PROVIDERS:
@@ -81,7 +82,7 @@ def prepare_step(provider: str, layout: str, batch: int, dtype: str, size: int, 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
+            for _ in range(warmup_steps):
                 step(static_x, static_y)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
@@ -101,13 +102,13 @@ def prepare_step(provider: str, layout: str, batch: int, dtype: str, size: int, 
         def run():
             i = next(order)
             return step(images[i], labels[i])
-        for _ in range(WARMUP_STEPS):
+        for _ in range(warmup_steps):
             loss = run()
         note = ""
     synchronize(device)
     warmup_s = time.perf_counter() - start
     if not math.isfinite(loss.item()):
-        raise RuntimeError(f"the loss is {loss.item()} after {WARMUP_STEPS} warm-up steps")
+        raise RuntimeError(f"the loss is {loss.item()} after {warmup_steps} warm-up steps")
     return Step(run, warmup_s, note)
 
 
@@ -124,6 +125,9 @@ def selection(cfg) -> dict:
         "batches": (cfg.batch,) if cfg.batch else ((2,) if tiny else (128,) if cfg.quick else (128, 256)),
         "size": cfg.image_size or (128 if tiny else INPUT_SIZE),
         "providers": tuple(p for p in STEP_PROVIDERS if cfg.providers is None or p in cfg.providers),
+        # a CPU step of the 58M-parameter model takes a large fraction of a second
+        "warmup_steps": 1 if tiny else WARMUP_STEPS,
+        "min_reps": 3 if tiny else 5,
         "warmup_ms": 10 if cfg.quick else 25,
         "rep_ms": 50 if tiny else (100 if cfg.quick else 300),
     }
@@ -196,8 +200,8 @@ def _measure(provider, layout, batch, dtype, sel, device, env) -> dict:
     row = make_row(env, kernel="train_step", provider=provider, mode="train", shape=f"{batch}x3x{size}x{size}",
                    dtype=dtype, layout=layout, op="alexnet")
     try:
-        step = prepare_step(provider, layout, batch, dtype, size, device)
-        timing = time_fn(step.fn, device, sel["warmup_ms"], sel["rep_ms"])
+        step = prepare_step(provider, layout, batch, dtype, size, device, warmup_steps=sel["warmup_steps"])
+        timing = time_fn(step.fn, device, sel["warmup_ms"], sel["rep_ms"], sel["min_reps"])
         peak = None if provider == "auto+cudagraph" else peak_memory_mb(step.fn, device)
     except Exception as e:  # a provider that cannot run is reported, never fatal
         row["status"], row["note"] = error_status(e)

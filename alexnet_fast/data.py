@@ -132,7 +132,7 @@ def load_stl10(root: str, split: str = "train") -> ImageArrays:
 # ---------------------------------------------------------------------------------------------
 # Images are generated in chunks seeded by (seed, split, chunk index), so a shorter dataset is a
 # prefix of a longer one and --limit never changes which images a run sees.
-_CHUNK = 200  # 20 images of each class per chunk
+_CHUNK = 100  # 10 images of each class per chunk
 _PALETTE = torch.tensor([
     (0.90, 0.20, 0.20), (0.20, 0.80, 0.30), (0.20, 0.40, 0.95), (0.95, 0.85, 0.20), (0.85, 0.25, 0.80),
     (0.20, 0.85, 0.85), (1.00, 0.55, 0.10), (0.92, 0.92, 0.92), (0.55, 0.30, 0.90), (0.60, 0.95, 0.30),
@@ -141,34 +141,35 @@ _PALETTE = torch.tensor([
 
 def _shape_mask(cls: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Class ``cls``'s shape in the object's own coordinates (u, v), about [-1, 1]^2."""
-    radius = torch.sqrt(u * u + v * v)
-    box = torch.maximum(u.abs(), v.abs())
+    au, av = u.abs(), v.abs()
     if cls == 0:  # disk
-        return radius < 1
+        return u * u + v * v < 1
     if cls == 1:  # square
-        return box < 0.8
+        return (au < 0.8) & (av < 0.8)
     if cls == 2:  # ring
-        return (radius > 0.6) & (radius < 1)
+        r2 = u * u + v * v
+        return (r2 > 0.36) & (r2 < 1)
     if cls == 3:  # triangle, pointing up
-        return (v < 0.8) & (u.abs() < (v + 0.9) * 0.55)
+        return (v < 0.8) & (au < (v + 0.9) * 0.55)
     if cls == 4:  # cross
-        return ((u.abs() < 0.25) & (v.abs() < 1)) | ((v.abs() < 0.25) & (u.abs() < 1))
+        return ((au < 0.25) & (av < 1)) | ((av < 0.25) & (au < 1))
     if cls == 5:  # horizontal stripes
-        return (box < 1) & (torch.sin(v * 3 * math.pi) > 0)
+        return (au < 1) & (av < 1) & (torch.sin(v * 3 * math.pi) > 0)
     if cls == 6:  # checkerboard
-        return (box < 1) & ((torch.floor(u * 2) + torch.floor(v * 2)) % 2 == 0)
+        return (au < 1) & (av < 1) & ((torch.floor(u * 2) + torch.floor(v * 2)) % 2 == 0)
     if cls == 7:  # diamond
-        return u.abs() + v.abs() < 1
+        return au + av < 1
     if cls == 8:  # two dots
-        return ((u - 0.5) ** 2 + v * v < 0.16) | ((u + 0.5) ** 2 + v * v < 0.16)
-    return (box > 0.65) & (box < 1)  # frame
+        return ((au - 0.5) ** 2 + v * v) < 0.16
+    box = torch.maximum(au, av)  # frame
+    return (box > 0.65) & (box < 1)
 
 
 def _synthetic_chunk(seed: int, split: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(mix_seed(seed, SPLITS.index(split), chunk))
-    n, size = _CHUNK, IMAGE_SIZE
-    labels = torch.arange(n) % len(SYNTHETIC_CLASSES)
-    labels = labels[torch.randperm(n, generator=g)]
+    n, size, k = _CHUNK, IMAGE_SIZE, _CHUNK // len(SYNTHETIC_CLASSES)
+    # Generated class by class (contiguous slices, no gathers), shuffled at the end.
+    labels = torch.arange(n) // k
 
     def uniform(lo, hi, *shape):
         return lo + (hi - lo) * torch.rand(*shape, generator=g)
@@ -181,10 +182,10 @@ def _synthetic_chunk(seed: int, split: str, chunk: int) -> tuple[torch.Tensor, t
     dx, dy = grid.view(1, 1, -1) - cx, grid.view(1, -1, 1) - cy
     u = (dx * torch.cos(angle) + dy * torch.sin(angle)) / radius
     v = (dy * torch.cos(angle) - dx * torch.sin(angle)) / radius
-    mask = torch.zeros(n, size, size, dtype=torch.bool)
+    mask = torch.empty(n, size, size, dtype=torch.bool)
     for cls in range(len(SYNTHETIC_CLASSES)):
-        sel = labels == cls
-        mask[sel] = _shape_mask(cls, u[sel], v[sel])
+        rows = slice(cls * k, (cls + 1) * k)
+        mask[rows] = _shape_mask(cls, u[rows], v[rows])
 
     # Background: a dark colour with a gentle linear gradient in a random direction.
     background = uniform(0.0, 0.45, n, 3, 1, 1)
@@ -194,8 +195,9 @@ def _synthetic_chunk(seed: int, split: str, chunk: int) -> tuple[torch.Tensor, t
     background = background + 0.15 * ramp.unsqueeze(1)
     foreground = (_PALETTE[labels] + 0.08 * torch.randn(n, 3, generator=g)).view(n, 3, 1, 1)
     image = torch.where(mask.unsqueeze(1), foreground, background)
-    image = image + 0.05 * torch.randn(n, 3, size, size, generator=g)
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels
+    image.add_(torch.randn(n, 3, size, size, generator=g), alpha=0.05).clamp_(0, 1).mul_(255).round_()
+    order = torch.randperm(n, generator=g)
+    return image.to(torch.uint8)[order], labels[order]
 
 
 def make_synthetic(split: str = "train", num_images: int | None = None, seed: int = 0) -> ImageArrays:

@@ -14,6 +14,8 @@ import functools
 import importlib
 import os
 
+import torch
+
 BACKENDS = ("auto", "torch", "native", "triton")
 CONCRETE = ("torch", "native", "triton")
 ENV_VAR = "ALEXNET_FAST_BACKEND"
@@ -112,21 +114,31 @@ def availability(backend: str, device_type: str) -> tuple[bool, str]:
     return _availability(backend, device_type)
 
 
+@torch.compiler.assume_constant_result
 def resolve(backend: str | None, op: str, device_type: str, shape_key=None) -> str:
     """The concrete backend that runs ``op`` for a tensor on ``device_type``.
 
     An explicitly requested backend that cannot run raises BackendUnavailableError saying what is
-    missing; ``auto`` falls back silently along its preference list.
+    missing; ``auto`` falls back silently along its preference list. Under torch.compile the
+    choice is made once, while tracing, and becomes part of the compiled graph.
     """
     name = _check_name(backend if backend is not None else get_backend())
     if name != "auto":
         ok, reason = availability(name, device_type)
         if not ok:
             raise BackendUnavailableError(f"backend {name!r} cannot run {op} on {device_type}: {reason}")
-        return name
+        return _loaded(name)
     from alexnet_fast import autotable
 
     for candidate in autotable.preference(op, device_type, shape_key):
         if availability(candidate, device_type)[0]:
-            return candidate
+            return _loaded(candidate)
     return "torch"
+
+
+def _loaded(name: str) -> str:
+    """Make sure the op namespace of ``name`` is registered (an error in our own Triton module
+    propagates: it is a bug, not an unavailable backend)."""
+    if name == "triton":
+        importlib.import_module("alexnet_fast.triton")
+    return name

@@ -95,6 +95,11 @@ def _check_conv(x: Tensor, weight, bias, stride, padding):
             raise ValueError(f"bias must be None or a tensor of shape ({weight.shape[0]},), got {got}")
         if bias.device != x.device:
             raise ValueError(f"bias must be on x's device {x.device}, got {bias.device}")
+    if not torch.is_autocast_enabled(x.device.type) and (
+            weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
+        raise TypeError(
+            f"weight and bias must have x's dtype {x.dtype} outside autocast, got weight {weight.dtype}"
+            + (f", bias {bias.dtype}" if bias is not None else ""))
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
     for n, k, p in zip(x.shape[-2:], weight.shape[-2:], padding):
@@ -113,23 +118,23 @@ def _autocast(x: Tensor, weight: Tensor, bias):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(
-            f"weight and bias must have x's dtype {x.dtype} outside autocast, got weight {weight.dtype}"
-            + (f", bias {bias.dtype}" if bias is not None else ""))
     return x, weight, bias
 
 
 # ---------------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------------
-def _triton_module():
-    return importlib.import_module("alexnet_fast.triton")
+def kernels(backend: str):
+    """The op namespace of a kernel backend: ``torch.ops.alexnet_fast`` (native) or
+    ``torch.ops.alexnet_fast_triton``; both hold the same schemas (csrc/ops.cpp)."""
+    if backend not in ("native", "triton"):
+        raise ValueError(f"backend must be 'native' or 'triton', got {backend!r}")
+    backends.resolve(backend, "kernels", "cuda" if torch.cuda.is_available() else "cpu")
+    return _namespace(backend)
 
 
-def _native_module():
-    backends.native_build()  # loads the library so torch.ops.alexnet_fast exists
-    return torch.ops.alexnet_fast
+def _namespace(name: str):
+    return torch.ops.alexnet_fast if name == "native" else torch.ops.alexnet_fast_triton
 
 
 def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
@@ -142,7 +147,7 @@ def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1,
     if name == "torch":
         return reference.conv2d_relu(x, weight, bias, stride, padding)
     x, weight, bias = _autocast(x, weight, bias)
-    impl = _native_module() if name == "native" else _triton_module()
+    impl = _namespace(name)
     return impl.conv2d_relu(x, weight, bias, list(stride), list(padding))
 
 
@@ -154,7 +159,7 @@ def lrn(x: Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: fl
     name = backends.resolve(backend, "lrn", x.device.type)
     if name == "torch":
         return reference.lrn(x, size, alpha, beta, k)
-    impl = _native_module() if name == "native" else _triton_module()
+    impl = _namespace(name)
     return impl.lrn(x, int(size), float(alpha), float(beta), float(k))
 
 
@@ -166,7 +171,7 @@ def max_pool2d(x: Tensor, kernel_size=3, stride=2, padding=0, ceil_mode: bool = 
     name = backends.resolve(backend, "max_pool2d", x.device.type)
     if name == "torch":
         return reference.max_pool2d(x, kernel_size, stride, padding, ceil_mode)
-    impl = _native_module() if name == "native" else _triton_module()
+    impl = _namespace(name)
     return impl.max_pool2d(x, list(kernel_size), list(stride), list(padding), ceil_mode)[0]
 
 
@@ -179,7 +184,7 @@ def lrn_max_pool2d(x: Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 
     name = backends.resolve(backend, "lrn_max_pool2d", x.device.type)
     if name == "torch":
         return reference.lrn_max_pool2d(x, size, alpha, beta, k, kernel_size, stride)
-    impl = _native_module() if name == "native" else _triton_module()
+    impl = _namespace(name)
     return impl.lrn_max_pool2d(x, int(size), float(alpha), float(beta), float(k), list(kernel_size),
                                list(stride))[0]
 

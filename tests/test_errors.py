@@ -64,7 +64,7 @@ def test_unavailable_backend_names_what_is_missing(monkeypatch):
 def test_native_kernels_check_arguments_themselves():
     """Direct torch.ops calls bypass the Python checks; the C++ checks still name the argument."""
     _ok("native")
-    nat = ops._native_module()
+    nat = ops.kernels("native")
     with pytest.raises(RuntimeError, match="x must be a 4-D"):
         nat.lrn(torch.randn(3, 4, 4), 5, 1e-4, 0.75, 2.0)
     with pytest.raises(RuntimeError, match="weight"):

@@ -46,7 +46,7 @@ def test_lrn_max_pool_forward_backward(backend, device, layout, relu):
             out = ops.lrn_max_pool2d(x, size, **LRN, kernel_size=kernel, stride=stride, backend=backend)
             assert out.dtype == dtype
             assert_layout(out, layout, what)
-            impl = ops._native_module() if backend == "native" else ops._triton_module()
+            impl = ops.kernels(backend)
             _, idx = impl.lrn_max_pool2d(x.detach(), size, *LRN.values(), list(kernel), list(stride))
             ref_idx = reference_indices(x.detach(), size, kernel, stride)
             if dtype in (torch.float32, torch.float64):

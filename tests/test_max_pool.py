@@ -57,7 +57,7 @@ def test_max_pool_indices_match_pytorch(backend, device, layout):
     for dtype in kernel_dtypes(backend, device):
         for shape, kernel, stride, padding, ceil_mode in cases(device):
             x = random_input(shape, dtype, device, layout, relu=True)
-            impl = ops._native_module() if backend == "native" else ops._triton_module()
+            impl = ops.kernels(backend)
             out, idx = impl.max_pool2d(x, list(kernel), list(stride), list(padding), ceil_mode)
             assert idx.dtype == torch.uint8
             ref_idx = reference.max_pool2d_indices(x.cpu(), kernel, stride, padding, ceil_mode)
@@ -75,7 +75,7 @@ def test_max_pool_nan_propagates(backend, device):
         ref = reference.max_pool2d(x, (3, 3), (2, 2))
         assert torch.equal(torch.isnan(out.cpu()), torch.isnan(ref))
         assert torch.equal(out.cpu().nan_to_num(), ref.nan_to_num())
-        impl = ops._native_module() if backend == "native" else ops._triton_module()
+        impl = ops.kernels(backend)
         _, idx = impl.max_pool2d(xd, [3, 3], [2, 2], [0, 0], False)
         assert torch.equal(idx.cpu(), reference.max_pool2d_indices(x, (3, 3), (2, 2)))
 
@@ -84,7 +84,7 @@ def test_max_pool_all_neg_inf_and_padding(backend, device):
     x = torch.full((1, 2, 5, 5), float("-inf"), device=device)
     out = ops.max_pool2d(x, 2, 1, 1, backend=backend)
     assert torch.equal(out.cpu(), reference.max_pool2d(x.cpu(), (2, 2), (1, 1), (1, 1)))
-    impl = ops._native_module() if backend == "native" else ops._triton_module()
+    impl = ops.kernels(backend)
     _, idx = impl.max_pool2d(x, [2, 2], [1, 1], [1, 1], False)
     assert torch.equal(idx.cpu(), reference.max_pool2d_indices(x.cpu(), (2, 2), (1, 1), (1, 1)))
 
@@ -93,7 +93,7 @@ def test_max_pool_backward_writes_every_element(backend, device):
     """Pixels no window covers (stride = kernel leaves the last columns out) get exact zeros, and
     every other pixel the sum of the gradients of the windows it won."""
     x = random_input((2, 3, 11, 11), torch.float32, device)
-    impl = ops._native_module() if backend == "native" else ops._triton_module()
+    impl = ops.kernels(backend)
     out, idx = impl.max_pool2d(x, [3, 3], [3, 3], [0, 0], False)
     g = torch.randn_like(out)
     gx = impl.max_pool2d_backward(g, idx, [11, 11], [3, 3], [3, 3], [0, 0])

@@ -8,8 +8,8 @@ import alexnet_fast  # noqa: F401  (registers fake kernels and autograd)
 from alexnet_fast import ops
 
 
-def _namespace(backend):
-    return ops._native_module() if backend == "native" else ops._triton_module()._ops
+def ops.kernels(backend):
+    return ops.kernels(backend)._ops
 
 
 def _samples(device, layout):
@@ -42,4 +42,4 @@ OPS = list(_samples("cpu", "contiguous"))
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(backend, device, layout, op):
     args = _samples(device, layout)[op]
-    torch.library.opcheck(getattr(_namespace(backend), op).default, args)
+    torch.library.opcheck(getattr(ops.kernels(backend), op).default, args)

@@ -35,7 +35,6 @@ products otherwise (read when the op runs; under torch.compile, when it is trace
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -44,11 +43,12 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from alexnet_fast import autograd, reference
+from alexnet_fast.backends import triton_interpreted
 from alexnet_fast.ops import output_memory_format
 from alexnet_fast.triton import conv_configs
 
 NAMESPACE = "alexnet_fast_triton"
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRETED = triton_interpreted()
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A flat K is used once channel blocks of this width would pad C_in by more than a quarter.
 _CHANNEL_BLOCK = 32
@@ -125,8 +125,6 @@ def _load_patches(x_ptr, row_base, ih0, iw0, row_ok, kt, k_idx, k_ok, H, W, C, K
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
-@triton.autotune(configs=conv_configs.forward(_INTERPRETED),
-                 key=["N", "H", "W", "C", "CO", "KH", "KW", "SH", "SW", "FLAT_K"])
 @triton.jit
 def conv2d_relu_forward_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
@@ -172,8 +170,6 @@ def conv2d_relu_forward_kernel(
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=conv_configs.backward_input(_INTERPRETED),
-                 key=["N", "H", "W", "C", "CO", "KH", "KW", "SH", "SW"])
 @triton.jit
 def conv2d_relu_backward_input_kernel(
     grad_ptr, out_ptr, w_ptr, dx_ptr,
@@ -245,8 +241,6 @@ def conv2d_relu_backward_input_kernel(
     tl.store(ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=conv_configs.backward_weight(_INTERPRETED),
-                 key=["N", "H", "W", "C", "CO", "KH", "KW", "SH", "SW", "FLAT_K", "CHUNK"])
 @triton.jit
 def conv2d_relu_backward_weight_kernel(
     grad_ptr, out_ptr, x_ptr, dw_ptr, db_ptr,
@@ -305,6 +299,18 @@ def conv2d_relu_backward_weight_kernel(
 # ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
+_SHAPE_KEY = ["N", "H", "W", "C", "CO", "KH", "KW", "SH", "SW", "PH", "PW"]
+
+
+def _autotuned(kernel, configs, key):
+    """One autotuned launcher per operand width in bytes (2: float16/bfloat16, 4: float32)."""
+    return {width: triton.autotune(configs=configs(width, _INTERPRETED), key=key)(kernel) for width in (2, 4)}
+
+
+_FORWARD = _autotuned(conv2d_relu_forward_kernel, conv_configs.forward, _SHAPE_KEY + ["FLAT_K"])
+_BACKWARD_INPUT = _autotuned(conv2d_relu_backward_input_kernel, conv_configs.backward_input, _SHAPE_KEY)
+_BACKWARD_WEIGHT = _autotuned(conv2d_relu_backward_weight_kernel, conv_configs.backward_weight,
+                              _SHAPE_KEY + ["FLAT_K", "CHUNK"])
 # Weight-gradient splits over M: each split reduces at least _SPLIT_MIN_ROWS pixels, in chunks
 # aligned to the largest BLOCK_M. The interpreter runs tiny shapes, which still get several
 # splits so the cross-split sum is exercised.
@@ -367,9 +373,24 @@ def _k_tiles(kernel_hw, c_in: int, flat: bool, block_k: int) -> int:
     return triton.cdiv(kh * kw * c_in, block_k) if flat else kh * kw * triton.cdiv(c_in, block_k)
 
 
-@triton_op(f"{NAMESPACE}::conv2d_relu", mutates_args=(),
-           schema="(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding) -> Tensor")
-def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int]) -> Tensor:
+def _register(name: str, schema: str, impl, allocate):
+    """Define ``alexnet_fast_triton::name``.
+
+    On the GPU it is a ``triton_op``: torch.compile traces ``impl`` and sees the kernels. Under
+    the CPU interpreter ``wrap_triton`` launches kernels directly and cannot be traced, so the op
+    is an opaque ``custom_op`` whose fake kernel is ``allocate`` (the checks and empty outputs
+    ``impl`` starts from); opcheck and torch.compile then still cover schemas, shapes, layouts
+    and autograd on machines without a GPU."""
+    qualname = f"{NAMESPACE}::{name}"
+    if _INTERPRETED:
+        op = torch.library.custom_op(qualname, impl, mutates_args=(), schema=schema)
+        op.register_fake(allocate)
+        return op
+    return triton_op(qualname, impl, mutates_args=(), schema=schema)
+
+
+def _allocate_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int],
+                      padding: list[int]) -> Tensor:
     _check_tensors(x.dtype, x.device, x=x, weight=weight)
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype or bias.device != x.device):
         raise ValueError(f"bias must be None or a ({weight.shape[0]},) {x.dtype} tensor on {x.device}, "
@@ -377,15 +398,23 @@ def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight must have x's {x.shape[1]} input channels in dim 1, got {tuple(weight.shape)}")
     _check_geometry(weight.shape[-2:], stride, padding)
-    n, c, h, w = x.shape
-    co, _, kh, kw = weight.shape
-    oh, ow = _out_hw((h, w), (kh, kw), stride, padding)
+    n, _, h, w = x.shape
+    oh, ow = _out_hw((h, w), weight.shape[-2:], stride, padding)
     if min(oh, ow) < 1:
-        raise ValueError(f"kernel {(kh, kw)} is larger than the padded input {(h, w)} with padding {list(padding)}")
+        raise ValueError(f"kernel {tuple(weight.shape[-2:])} is larger than the padded input {(h, w)} "
+                         f"with padding {list(padding)}")
     _check_rows(n * oh * ow)
-    out = torch.empty((n, co, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    return torch.empty((n, weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=output_memory_format(x))
+
+
+def _conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int]) -> Tensor:
+    out = _allocate_forward(x, weight, bias, stride, padding)
     if out.numel() == 0:
         return out
+    n, c, h, w = x.shape
+    co, _, kh, kw = weight.shape
+    oh, ow = out.shape[-2:]
     x_nhwc = x.contiguous(memory_format=torch.channels_last)
     w_k = _weight_k_major(weight)
     precision, upcast = _dot_modes(x.dtype)
@@ -393,7 +422,7 @@ def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int
     def grid(meta):
         return (triton.cdiv(n * oh * ow, meta["BLOCK_M"]) * triton.cdiv(co, meta["BLOCK_N"]),)
 
-    wrap_triton(conv2d_relu_forward_kernel)[grid](
+    wrap_triton(_FORWARD[x.element_size()])[grid](
         x_nhwc, w_k, bias if bias is not None else w_k, out,
         n, h, w, c, oh, ow, co, *out.stride(),
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
@@ -401,36 +430,40 @@ def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int
     return out
 
 
-@triton_op(f"{NAMESPACE}::conv2d_relu_backward_input", mutates_args=(),
-           schema="(Tensor grad_out, Tensor out, Tensor weight, int[2] input_hw, int[2] stride, "
-                  "int[2] padding) -> Tensor")
-def conv2d_relu_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, input_hw: list[int],
-                               stride: list[int], padding: list[int]) -> Tensor:
+def _allocate_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, input_hw: list[int],
+                             stride: list[int], padding: list[int]) -> Tensor:
     _check_tensors(grad_out.dtype, grad_out.device, grad_out=grad_out, out=out, weight=weight)
     _check_geometry(weight.shape[-2:], stride, padding)
     n, co, oh, ow = grad_out.shape
-    _, c, kh, kw = weight.shape
     h, w = input_hw
-    if out.shape != grad_out.shape or weight.shape[0] != co or _out_hw((h, w), (kh, kw), stride, padding) != (oh, ow):
+    if out.shape != grad_out.shape or weight.shape[0] != co or _out_hw((h, w), weight.shape[-2:], stride, padding) != (oh, ow):
         raise ValueError(
             f"grad_out {tuple(grad_out.shape)}, out {tuple(out.shape)}, weight {tuple(weight.shape)} and input_hw "
             f"{list(input_hw)} do not describe one convolution with stride {list(stride)}, padding {list(padding)}")
     _check_rows(n * h * w, n * oh * ow)
-    dx = torch.empty((n, c, h, w), dtype=grad_out.dtype, device=grad_out.device,
-                     memory_format=output_memory_format(grad_out))
+    return torch.empty((n, weight.shape[1], h, w), dtype=grad_out.dtype, device=grad_out.device,
+                       memory_format=output_memory_format(grad_out))
+
+
+def _conv2d_relu_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, input_hw: list[int],
+                                stride: list[int], padding: list[int]) -> Tensor:
+    dx = _allocate_backward_input(grad_out, out, weight, input_hw, stride, padding)
     if dx.numel() == 0:
         return dx
+    n, co, oh, ow = grad_out.shape
+    _, c, kh, kw = weight.shape
+    h, w = input_hw
+    sh, sw = stride
     g_nhwc = grad_out.contiguous(memory_format=torch.channels_last)
     o_nhwc = out.contiguous(memory_format=torch.channels_last)
     w_k = _weight_k_major(weight)
     precision, upcast = _dot_modes(grad_out.dtype)
-    sh, sw = stride
     phase_rows = n * triton.cdiv(h, sh) * triton.cdiv(w, sw)
 
     def grid(meta):
         return (triton.cdiv(phase_rows, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]), sh * sw)
 
-    wrap_triton(conv2d_relu_backward_input_kernel)[grid](
+    wrap_triton(_BACKWARD_INPUT[grad_out.element_size()])[grid](
         g_nhwc, o_nhwc, w_k, dx,
         n, h, w, c, oh, ow, co, *dx.stride(),
         KH=kh, KW=kw, SH=sh, SW=sw, PH=padding[0], PW=padding[1], PRECISION=precision, UPCAST=upcast)
@@ -446,25 +479,29 @@ def _weight_grad_splits(rows: int, c_out: int, k: int, device: torch.device) -> 
     return chunk, triton.cdiv(rows, chunk)
 
 
-@triton_op(f"{NAMESPACE}::conv2d_relu_backward_weight", mutates_args=(),
-           schema="(Tensor grad_out, Tensor out, Tensor x, int[2] kernel_hw, int[2] stride, "
-                  "int[2] padding) -> (Tensor, Tensor)")
-def conv2d_relu_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kernel_hw: list[int],
-                                stride: list[int], padding: list[int]) -> tuple[Tensor, Tensor]:
+def _allocate_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kernel_hw: list[int],
+                              stride: list[int], padding: list[int]) -> tuple[Tensor, Tensor]:
     _check_tensors(grad_out.dtype, grad_out.device, grad_out=grad_out, out=out, x=x)
     _check_geometry(kernel_hw, stride, padding)
     n, co, oh, ow = grad_out.shape
     _, c, h, w = x.shape
-    kh, kw = kernel_hw
-    if out.shape != grad_out.shape or x.shape[0] != n or _out_hw((h, w), (kh, kw), stride, padding) != (oh, ow):
+    if out.shape != grad_out.shape or x.shape[0] != n or _out_hw((h, w), kernel_hw, stride, padding) != (oh, ow):
         raise ValueError(
             f"grad_out {tuple(grad_out.shape)}, out {tuple(out.shape)}, x {tuple(x.shape)} and kernel_hw "
             f"{list(kernel_hw)} do not describe one convolution with stride {list(stride)}, padding {list(padding)}")
+    _check_rows(n * oh * ow, n * h * w)
+    return grad_out.new_empty((co, c, *kernel_hw)), grad_out.new_empty((co,))
+
+
+def _conv2d_relu_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kernel_hw: list[int],
+                                 stride: list[int], padding: list[int]) -> tuple[Tensor, Tensor]:
+    grad_w, grad_b = _allocate_backward_weight(grad_out, out, x, kernel_hw, stride, padding)
+    n, co, oh, ow = grad_out.shape
+    _, c, h, w = x.shape
+    kh, kw = kernel_hw
     rows = n * oh * ow
-    _check_rows(rows, n * h * w)
-    grad_w = torch.empty((co, c, kh, kw), dtype=grad_out.dtype, device=grad_out.device)
-    if rows == 0 or co == 0:
-        return grad_w.zero_(), grad_out.new_zeros((co,))
+    if rows == 0 or grad_w.numel() == 0:
+        return grad_w.zero_(), grad_b.zero_()
     k = kh * kw * c
     chunk, splits = _weight_grad_splits(rows, co, k, grad_out.device)
     dw = torch.empty((splits, co, k), dtype=torch.float32, device=grad_out.device)
@@ -476,14 +513,27 @@ def conv2d_relu_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kernel
         # The extra K-tile index holds the bias programs.
         return (triton.cdiv(co, meta["BLOCK_N"]) * (_k_tiles((kh, kw), c, flat, meta["BLOCK_K"]) + 1), splits)
 
-    wrap_triton(conv2d_relu_backward_weight_kernel)[grid](
+    wrap_triton(_BACKWARD_WEIGHT[grad_out.element_size()])[grid](
         grad_out.contiguous(memory_format=torch.channels_last), out.contiguous(memory_format=torch.channels_last),
         x.contiguous(memory_format=torch.channels_last), dw, db,
         n, h, w, c, oh, ow, co, chunk,
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
         FLAT_K=flat, PRECISION=precision, UPCAST=upcast)
     grad_w.copy_(dw.sum(0).view(co, kh, kw, c).permute(0, 3, 1, 2))
-    return grad_w, db.sum(0).to(grad_out.dtype)
+    grad_b.copy_(db.sum(0))
+    return grad_w, grad_b
 
+
+conv2d_relu = _register(
+    "conv2d_relu", "(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding) -> Tensor",
+    _conv2d_relu, _allocate_forward)
+conv2d_relu_backward_input = _register(
+    "conv2d_relu_backward_input",
+    "(Tensor grad_out, Tensor out, Tensor weight, int[2] input_hw, int[2] stride, int[2] padding) -> Tensor",
+    _conv2d_relu_backward_input, _allocate_backward_input)
+conv2d_relu_backward_weight = _register(
+    "conv2d_relu_backward_weight",
+    "(Tensor grad_out, Tensor out, Tensor x, int[2] kernel_hw, int[2] stride, int[2] padding) -> (Tensor, Tensor)",
+    _conv2d_relu_backward_weight, _allocate_backward_weight)
 
 autograd.register(torch.ops.alexnet_fast_triton, ("conv2d_relu",))

@@ -1,53 +1,76 @@
 """Autotuning candidates of the implicit-GEMM convolution kernels (alexnet_fast/triton/conv.py).
 
-Tiles suited to Hopper (228 KB of shared memory per SM, wgmma on 64-row warpgroups): 128-256
-wide output tiles and 3-4 pipeline stages for the channel-rich layers, narrower tiles for the
-thin ones; Triton's autotuner times them once per shape key and caches the winner. Under the
-CPU interpreter (``TRITON_INTERPRET=1``) one small configuration keeps the tests fast; its three
-block sizes differ so a transposed index shows up as a wrong answer.
+Rows are (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for Hopper (227 KB of shared memory
+per block, wgmma on 64-row warpgroups), chosen so that none spills registers for 16-bit operands
+when compiled for sm_90. Float32 operands take twice the bytes per element, so their rows halve
+the block along the GEMM's reduction dimension and keep each pipeline stage the same size.
+Triton's autotuner times the candidates once per shape key and caches the winner.
+
+Under the CPU interpreter (``TRITON_INTERPRET=1``) one small configuration keeps tests fast; its
+block sizes differ from each other so a transposed index gives a wrong answer.
 """
 import triton
 
 _INTERPRETER = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
 
+# Pixels (M) x output channels (N) x K = (kh, kw, c_in).
+_FORWARD = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 4, 4),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 32, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 128, 128, 8, 3),
+    (64, 64, 64, 4, 3),
+]
+# Input pixels of one stride phase (M) x input channels (N) x K = (tap, c_out).
+_BACKWARD_INPUT = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 32, 8, 4),
+    (128, 64, 64, 8, 3),
+    (64, 256, 64, 8, 3),
+    (64, 128, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+    (128, 64, 32, 4, 4),
+    (64, 64, 64, 4, 3),
+]
+# Output channels (N) x K columns (kh, kw, c_in), reducing over pixels in steps of BLOCK_M.
+_BACKWARD_WEIGHT = [
+    (64, 128, 128, 8, 3),
+    (64, 128, 128, 8, 4),
+    (32, 128, 128, 8, 4),
+    (64, 128, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+    (32, 128, 256, 8, 3),
+    (32, 64, 128, 4, 4),
+    (64, 64, 64, 4, 3),
+]
 
-def _configs(rows):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in rows]
 
-
-def forward(interpreted: bool):
-    """Pixels (M) x output channels (N) x K blocks; also the shape of the input-gradient GEMM
-    (pixels x input channels x output-channel blocks)."""
+def _configs(rows, itemsize: int, reduction: str, interpreted: bool):
     if interpreted:
         return _INTERPRETER
-    return _configs([
-        (128, 128, 64, 8, 3),
-        (128, 128, 64, 4, 4),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (128, 128, 32, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 128, 128, 8, 3),
-        (64, 64, 64, 4, 3),
-    ])
+    configs, seen = [], set()
+    for m, n, k, warps, stages in rows:
+        block = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
+        block[reduction] //= itemsize // 2
+        key = (*block.values(), warps, stages)
+        if key not in seen:
+            seen.add(key)
+            configs.append(triton.Config(block, num_warps=warps, num_stages=stages))
+    return configs
 
 
-def backward_input(interpreted: bool):
-    return forward(interpreted)
+def forward(itemsize: int, interpreted: bool):
+    return _configs(_FORWARD, itemsize, "BLOCK_K", interpreted)
 
 
-def backward_weight(interpreted: bool):
-    """Output channels (N) x K columns, reducing over pixel blocks (BLOCK_M)."""
-    if interpreted:
-        return _INTERPRETER
-    return _configs([
-        (64, 128, 128, 8, 3),
-        (32, 128, 128, 8, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 128, 4, 4),
-        (128, 128, 128, 8, 3),
-        (64, 128, 256, 8, 3),
-        (64, 64, 64, 4, 3),
-    ])
+def backward_input(itemsize: int, interpreted: bool):
+    return _configs(_BACKWARD_INPUT, itemsize, "BLOCK_K", interpreted)
+
+
+def backward_weight(itemsize: int, interpreted: bool):
+    return _configs(_BACKWARD_WEIGHT, itemsize, "BLOCK_M", interpreted)

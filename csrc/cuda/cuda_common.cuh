@@ -1,0 +1,402 @@
+// Helpers shared by the LRN and max-pool CUDA kernels (lrn_cuda.cu, max_pool_cuda.cu): vector
+// memory access, the LRN arithmetic and its channel windows (in registers along a channel walk,
+// or across the lanes of a warp), the max-pool rule and its gradient gather, and the host-side
+// launch arithmetic.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "checks.h"
+#include "cpu/cpu_common.h"  // pooling argument checks and output sizes, shared with the CPU kernels
+
+// The tensor whose device selected these kernels must be a CUDA tensor.
+#define CHECK_CUDA_TENSOR(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor, got ", (x).device())
+
+namespace alexnet_fast::gpu {
+
+constexpr int kThreads = 256;  // threads per block of every kernel here
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+// The channels_last LRN kernels give each lane a chunk of VEC channels of one pixel and take the
+// channel window across lanes with shuffles. Lanes 1..30 of a warp produce; lanes 0 and 31 load
+// the chunks on either side, so that every producing lane has both neighbours in its warp.
+constexpr int kProducingLanes = 30;
+// The LRN size the register-window kernels are compiled for (AlexNet's); other sizes run the
+// generic kernels, which sum each window directly.
+constexpr int kFastLrnSize = 5;
+// Channel-walking kernels split the channels into groups (each re-reading a few halo channels)
+// until about this many threads per SM are busy: enough loads in flight to cover HBM latency.
+constexpr int64_t kTargetThreadsPerSm = 512;
+constexpr int kMinChannelsPerGroup = 32;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <int N, typename T>
+__device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
+  *reinterpret_cast<Vec<T, N>*>(p) = v;
+}
+
+// N consecutive elements, converted to the arithmetic type A (float, or double for double).
+template <int N, typename T, typename A>
+__device__ __forceinline__ void load_as(const T* p, A (&out)[N]) {
+  const Vec<T, N> v = load_vec<N>(p);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = static_cast<A>(v.v[i]);
+}
+
+template <int N, typename T, typename A>
+__device__ __forceinline__ void store_as(T* p, const A (&in)[N]) {
+  Vec<T, N> v;
+#pragma unroll
+  for (int i = 0; i < N; ++i) v.v[i] = static_cast<T>(in[i]);
+  store_vec(p, v);
+}
+
+template <int N, typename A>
+__device__ __forceinline__ void fill_zero(A (&a)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) a[i] = A(0);
+}
+
+// Returns a / b and sets r = a % b, for a >= 0 and b > 0: in 32 bits when both fit (several
+// times cheaper than the 64-bit division, and the usual case).
+__device__ __forceinline__ int64_t divmod(int64_t a, int64_t b, int64_t& r) {
+  if (((a | b) >> 31) == 0) {
+    const uint32_t q = static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+    r = a - static_cast<int64_t>(q) * b;
+    return q;
+  }
+  const int64_t q = a / b;
+  r = a - q * b;
+  return q;
+}
+
+// ------------------------------------------------------------------------------------------------
+// LRN arithmetic: out[c] = x[c] * d[c]^-beta with d[c] = k + alpha/size * sum_{j in W(c)} x[j]^2,
+// W(c) = [c - size/2, c + (size-1)/2] clipped to [0, C). In float32 for every storage dtype but
+// float64 (A = at::opmath_type<T>); d^-beta as exp2(-beta * log2 d): two special-function
+// instructions in float32, no division.
+// ------------------------------------------------------------------------------------------------
+template <typename A>
+struct LrnParams {
+  A coef;       // alpha / size
+  A k;
+  A neg_beta;   // -beta
+  A neg_beta1;  // -beta - 1
+  A grad_coef;  // 2 * alpha * beta / size
+  bool beta_zero;  // d^-0 is 1 even where d is 0, as in torch.pow
+};
+
+template <typename A>
+LrnParams<A> make_lrn_params(int64_t size, double alpha, double beta, double k) {
+  LrnParams<A> p;
+  p.coef = static_cast<A>(alpha / static_cast<double>(size));
+  p.k = static_cast<A>(k);
+  p.neg_beta = static_cast<A>(-beta);
+  p.neg_beta1 = static_cast<A>(-beta - 1.0);
+  p.grad_coef = static_cast<A>(2.0 * alpha * beta / static_cast<double>(size));
+  p.beta_zero = beta == 0.0;
+  return p;
+}
+
+__device__ __forceinline__ float pow2(float v) { return exp2f(v); }
+__device__ __forceinline__ double pow2(double v) { return exp2(v); }
+__device__ __forceinline__ float log_2(float v) { return log2f(v); }
+__device__ __forceinline__ double log_2(double v) { return log2(v); }
+
+inline void check_lrn_params(int64_t size, double beta, double k) {
+  CHECK_POSITIVE(size);
+  TORCH_CHECK(k > 0 || beta == 0, "k must be positive (the denominator is k + alpha/size * sum(x^2)), got ", k);
+}
+
+// d^-beta for the window sum of squares `sumsq`.
+template <typename A>
+__device__ __forceinline__ A lrn_factor(A sumsq, const LrnParams<A>& p) {
+  const A d = fma(p.coef, sumsq, p.k);
+  return p.beta_zero ? A(1) : pow2(p.neg_beta * log_2(d));
+}
+
+// The gradient terms of channel c: gf = g[c] * d[c]^-beta (its direct part) and
+// t = 2 alpha beta / size * g[c] x[c] d[c]^(-beta-1), which channel c passes back to every channel
+// j of its window: dx[j] = gf[j] - x[j] * sum_{c : j in W(c)} t[c].
+template <typename A>
+__device__ __forceinline__ void lrn_grad_terms(A sumsq, A x, A g, const LrnParams<A>& p, A& gf, A& t) {
+  const A d = fma(p.coef, sumsq, p.k);
+  const A l = log_2(d);
+  gf = g * (p.beta_zero ? A(1) : pow2(p.neg_beta * l));
+  // grad_coef is 0 when alpha or beta is: the term vanishes, also where d is 0.
+  t = p.grad_coef == A(0) ? A(0) : p.grad_coef * g * x * pow2(p.neg_beta1 * l);
+}
+
+// The LRN of a stream of channels at NPIX independent positions (pixels, or the elements of a
+// vector of pixels), one channel per push: the squares of the last SIZE channels stay in
+// registers, so each input is read once. After push(x_j), out(p) is the LRN output of channel
+// j - kAfter at position p.
+template <int SIZE, int NPIX>
+struct LrnForwardWindow {
+  static constexpr int kBefore = SIZE / 2, kAfter = (SIZE - 1) / 2;
+  float sq[SIZE][NPIX];          // squares of channels j - SIZE + 1 .. j
+  float xs[kAfter + 1][NPIX];    // x of channels j - kAfter .. j
+
+  __device__ __forceinline__ void reset() {
+#pragma unroll
+    for (int p = 0; p < NPIX; ++p) {
+#pragma unroll
+      for (int k = 0; k < SIZE; ++k) sq[k][p] = 0.f;
+#pragma unroll
+      for (int k = 0; k <= kAfter; ++k) xs[k][p] = 0.f;
+    }
+  }
+
+  __device__ __forceinline__ void push(const float (&xj)[NPIX]) {
+#pragma unroll
+    for (int p = 0; p < NPIX; ++p) {
+#pragma unroll
+      for (int k = 0; k + 1 < SIZE; ++k) sq[k][p] = sq[k + 1][p];
+      sq[SIZE - 1][p] = xj[p] * xj[p];
+#pragma unroll
+      for (int k = 0; k < kAfter; ++k) xs[k][p] = xs[k + 1][p];
+      xs[kAfter][p] = xj[p];
+    }
+  }
+
+  __device__ __forceinline__ float out(int p, const LrnParams<float>& prm) const {
+    float s = sq[0][p];
+#pragma unroll
+    for (int k = 1; k < SIZE; ++k) s += sq[k][p];
+    return xs[0][p] * lrn_factor(s, prm);
+  }
+};
+
+// The LRN gradient along a stream of channels at NPIX positions. Per stream step j: push_x(x_j),
+// then push_grad(g_c) with the output gradient of channel c = j - kAfter (whose window of squares
+// is complete), after which dx(p) is the input gradient of channel j - SIZE + 1 (whose terms t of
+// channels [i - kAfter, i + kBefore] are complete). The stream must start SIZE - 1 channels before
+// the first dx wanted.
+template <int SIZE, int NPIX>
+struct LrnBackwardWindow {
+  static constexpr int kBefore = SIZE / 2, kAfter = (SIZE - 1) / 2;
+  float sq[SIZE][NPIX];         // squares of channels j - SIZE + 1 .. j
+  float xs[SIZE][NPIX];         // x of the same channels
+  float t[SIZE][NPIX];          // terms t of channels c - SIZE + 1 .. c
+  float gf[kBefore + 1][NPIX];  // g * d^-beta of channels c - kBefore .. c
+
+  __device__ __forceinline__ void reset() {
+#pragma unroll
+    for (int p = 0; p < NPIX; ++p) {
+#pragma unroll
+      for (int k = 0; k < SIZE; ++k) sq[k][p] = xs[k][p] = t[k][p] = 0.f;
+#pragma unroll
+      for (int k = 0; k <= kBefore; ++k) gf[k][p] = 0.f;
+    }
+  }
+
+  __device__ __forceinline__ void push_x(const float (&xj)[NPIX]) {
+#pragma unroll
+    for (int p = 0; p < NPIX; ++p) {
+#pragma unroll
+      for (int k = 0; k + 1 < SIZE; ++k) {
+        sq[k][p] = sq[k + 1][p];
+        xs[k][p] = xs[k + 1][p];
+      }
+      sq[SIZE - 1][p] = xj[p] * xj[p];
+      xs[SIZE - 1][p] = xj[p];
+    }
+  }
+
+  // `valid`: channel c exists (0 <= c < C); a missing channel passes no term.
+  __device__ __forceinline__ void push_grad(const float (&gc)[NPIX], bool valid, const LrnParams<float>& prm) {
+#pragma unroll
+    for (int p = 0; p < NPIX; ++p) {
+      float s = sq[0][p];
+#pragma unroll
+      for (int k = 1; k < SIZE; ++k) s += sq[k][p];
+      float g_factor, term;
+      lrn_grad_terms(s, xs[kBefore][p], gc[p], prm, g_factor, term);
+#pragma unroll
+      for (int k = 0; k + 1 < SIZE; ++k) t[k][p] = t[k + 1][p];
+      t[SIZE - 1][p] = valid ? term : 0.f;
+#pragma unroll
+      for (int k = 0; k < kBefore; ++k) gf[k][p] = gf[k + 1][p];
+      gf[kBefore][p] = valid ? g_factor : 0.f;
+    }
+  }
+
+  __device__ __forceinline__ float dx(int p) const {
+    float s = t[0][p];
+#pragma unroll
+    for (int k = 1; k < SIZE; ++k) s += t[k][p];
+    return gf[0][p] - xs[0][p] * s;
+  }
+};
+
+// sums[v] = ext[v] + ... + ext[v + L + R], where ext is `val` (this lane's VEC consecutive
+// channels) preceded by the last L values of the previous lane and followed by the first R values
+// of the next lane, zero where that lane's chunk is another pixel's (has_left/has_right false).
+// Every lane of the warp must call it.
+template <int L, int R, int VEC>
+__device__ __forceinline__ void lane_window_sums(const float (&val)[VEC], bool has_left, bool has_right,
+                                                 float (&sums)[VEC]) {
+  static_assert(L <= VEC && R <= VEC, "the window must not reach past the neighbouring lanes");
+  float ext[L + VEC + R];
+#pragma unroll
+  for (int i = 0; i < L; ++i) {
+    const float v = __shfl_up_sync(kFullMask, val[VEC - L + i], 1);
+    ext[i] = has_left ? v : 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) ext[L + i] = val[i];
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const float v = __shfl_down_sync(kFullMask, val[i], 1);
+    ext[L + VEC + i] = has_right ? v : 0.f;
+  }
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    float s = ext[v];
+#pragma unroll
+    for (int k = 1; k <= L + R; ++k) s += ext[v + k];
+    sums[v] = s;
+  }
+}
+
+// The chunk of VEC channels a lane of the channels_last LRN kernels works on: the grid's warp w
+// takes chunks [30 w', 30 w' + 30) of row w / warps_per_row (w' = w % warps_per_row), a row being
+// `row_chunks` consecutive chunks of memory. q = -1 and q = row_chunks are the outer lanes'
+// neighbours outside the row: they load nothing.
+struct LaneChunk {
+  int64_t row;
+  int64_t q;      // chunk index within the row
+  bool loads;     // 0 <= q < row_chunks
+  bool produces;  // loads, and the lane is one of the 30 producing lanes
+};
+
+__device__ __forceinline__ LaneChunk lane_chunk(int64_t warps_per_row, int64_t row_chunks) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  int64_t wr;
+  LaneChunk lc;
+  lc.row = divmod(warp, warps_per_row, wr);
+  lc.q = wr * kProducingLanes + lane - 1;
+  lc.loads = lc.q >= 0 && lc.q < row_chunks;
+  lc.produces = lc.loads && lane >= 1 && lane <= kProducingLanes;
+  return lc;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Max-pool
+// ------------------------------------------------------------------------------------------------
+struct PoolShape {
+  int H, W, OH, OW;
+  int kh, kw, sh, sw, ph, pw;
+};
+
+inline PoolShape make_pool_shape(int64_t H, int64_t W, int64_t OH, int64_t OW, at::IntArrayRef kernel_size,
+                                 at::IntArrayRef stride, at::IntArrayRef padding) {
+  return PoolShape{static_cast<int>(H), static_cast<int>(W), static_cast<int>(OH), static_cast<int>(OW),
+                   static_cast<int>(kernel_size[0]), static_cast<int>(kernel_size[1]), static_cast<int>(stride[0]),
+                   static_cast<int>(stride[1]), static_cast<int>(padding[0]), static_cast<int>(padding[1])};
+}
+
+// PyTorch's rule, scanning a window row-major from a running maximum of -inf (and the first valid
+// element's offset): a greater element or a NaN replaces it. Ties keep the first maximum, the last
+// NaN wins, an all -inf window gives its first element.
+template <typename A>
+__device__ __forceinline__ bool pool_takes(A v, A best) {
+  return v > best || isnan(v);
+}
+
+// The windows (oh, ow) whose rows/columns cover input row/column h: [lo, hi).
+__device__ __forceinline__ void covering_windows(int h, int k, int s, int pad, int out, int& lo, int& hi) {
+  lo = h + pad < k ? 0 : (h + pad - k) / s + 1;
+  hi = min((h + pad) / s + 1, out);
+}
+
+// The input gradient at (h, w) of one plane: the sum of the output gradients whose window offset
+// names (h, w), added in (oh, ow) order as PyTorch does. `offset(oh, ow)` is the element offset of
+// that output in `grad` and `indices`.
+template <typename T, typename Offset, typename A = at::opmath_type<T>>
+__device__ __forceinline__ A pool_gather(const T* __restrict__ grad, const uint8_t* __restrict__ indices,
+                                         const Offset& offset, int h, int w, const PoolShape& s) {
+  int oh0, oh1, ow0, ow1;
+  covering_windows(h, s.kh, s.sh, s.ph, s.OH, oh0, oh1);
+  covering_windows(w, s.kw, s.sw, s.pw, s.OW, ow0, ow1);
+  A acc = 0;
+  for (int oh = oh0; oh < oh1; ++oh) {
+    for (int ow = ow0; ow < ow1; ++ow) {
+      const int64_t o = offset(oh, ow);
+      if (indices[o] == (h + s.ph - oh * s.sh) * s.kw + (w + s.pw - ow * s.sw)) acc += static_cast<A>(grad[o]);
+    }
+  }
+  return acc;
+}
+
+// Gradient gather over a stride cell, for a pool with compile-time KH x KW kernel and SH x SW
+// stride: cell (i, j) is the SH x SW input pixels at rows i*SH - ph + [0, SH) and columns
+// j*SW - pw + [0, SW); the windows covering it are (i - a, j - b) for a < ceil(KH/SH),
+// b < ceil(KW/SW), in which the cell's pixel (r, s) has offset (a*SH + r)*KW + b*SW + s. Called for
+// those windows in (oh, ow) order (a and b descending), this adds window (a, b)'s gradient g to the
+// pixel its offset `index` names, if that pixel is in the cell.
+template <int KH, int KW, int SH, int SW>
+struct PoolCell {
+  static constexpr int kWinH = (KH + SH - 1) / SH, kWinW = (KW + SW - 1) / SW;
+
+  template <typename A>
+  __device__ __forceinline__ static void add(int a, int b, int index, A g, A (&acc)[SH][SW]) {
+#pragma unroll
+    for (int r = 0; r < SH; ++r) {
+#pragma unroll
+      for (int s = 0; s < SW; ++s) {
+        if (a * SH + r < KH && b * SW + s < KW) acc[r][s] += index == (a * SH + r) * KW + b * SW + s ? g : A(0);
+      }
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Host side
+// ------------------------------------------------------------------------------------------------
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+inline bool aligned_to(const at::Tensor& t, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+// Blocks of a one-dimensional grid, with a clear error where a tensor is beyond what it indexes.
+inline unsigned grid_blocks(int64_t work_items, int64_t items_per_block) {
+  const int64_t blocks = ceil_div(work_items, items_per_block);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "tensor too large for one launch (", work_items,
+              " work items)");
+  return static_cast<unsigned>(std::max<int64_t>(blocks, 1));
+}
+
+// Channel chunk of the channel-walking kernels for `threads` threads per group: groups are added
+// (each of at least kMinChannelsPerGroup channels) until about kTargetThreadsPerSm threads per SM
+// are busy.
+inline int channel_chunk(int64_t threads, int64_t C) {
+  const int64_t target = kTargetThreadsPerSm * sm_count();
+  const int64_t max_groups = std::max<int64_t>(1, C / kMinChannelsPerGroup);
+  const int64_t groups = std::clamp<int64_t>(ceil_div(target, std::max<int64_t>(threads, 1)), 1, max_groups);
+  return static_cast<int>(ceil_div(C, groups));
+}
+
+}  // namespace alexnet_fast::gpu

@@ -1,0 +1,964 @@
+// CUDA kernels of lrn, lrn_backward, lrn_max_pool2d and lrn_max_pool2d_backward.
+//
+// LRN mixes the channels of one pixel. For size 5 (AlexNet's; the register windows are compiled
+// for it) the work is laid out by memory layout:
+// * NCHW: a thread owns a pixel, or VEC consecutive pixels of a row, and walks the channels with
+//   the window of squares in registers (LrnForwardWindow, LrnBackwardWindow): x is read once and
+//   every load is coalesced along W. With few pixels the channels are split into groups, each
+//   re-reading the few channels of its window halo.
+// * channels_last: a lane owns VEC channels of one pixel (a 16-byte load) and takes the window
+//   across lanes with shuffles (lane_window_sums).
+// The fused lrn_max_pool2d computes the LRN of a tile of input into shared memory and pools it
+// from there, so the LRN output never reaches memory. NCHW blocks own a spatial tile and walk the
+// channels U at a time; channels_last blocks own a strip of output columns and walk down the
+// output rows, keeping the kh input rows of the current pooled row.
+// lrn_max_pool2d_backward reads x, indices and grad_out and writes dx in one kernel: the gradient
+// of the LRN output is gathered on the fly from the pool windows covering each pixel (NCHW: per
+// 2x2 stride cell of the 3x3/2 pool, so each window is read once), then passed through the LRN
+// gradient as in lrn_backward.
+// Other LRN sizes, other pools in the NCHW fused backward, float64, channel counts the vectors do
+// not divide and misaligned tensors run the generic kernels: one thread per element, summing each
+// window directly.
+#include <torch/library.h>
+
+#include <tuple>
+#include <type_traits>
+
+#include "cuda/cuda_common.cuh"
+
+namespace alexnet_fast::gpu {
+namespace {
+
+// Channels of the NCHW channel walks loaded ahead of use, per thread.
+constexpr int kForwardUnroll = 8;
+constexpr int kBackwardUnroll = 4;
+// Fused forward, NCHW: input pixels per thread (the tile has up to kTilePixels * kThreads) and
+// channels per shared-memory round.
+constexpr int kTilePixels = 4;
+constexpr int kTileChannels = 4;
+// Fused forward, channels_last: warp tasks loaded ahead per warp, and the shared memory for the
+// kh rows (the default per-block limit, so no opt-in is needed).
+constexpr int kRollBatch = 4;
+constexpr int64_t kRollSharedBytes = 48 * 1024;
+// Fused backward, NCHW: the pool of the cell kernel, and channels loaded ahead.
+constexpr int kCellK = 3, kCellS = 2;
+constexpr int kCellUnroll = 2;
+
+// ================================================================================================
+// Generic kernels: any size, any pool, float64, either layout (CL: channels_last). One thread per
+// element in memory order, grid-stride.
+// ================================================================================================
+
+// Element coordinates of offset e of a dense NCHW or NHWC tensor.
+template <bool CL>
+__device__ __forceinline__ void coords(int64_t e, int64_t C, int64_t H, int64_t W, int64_t& n, int64_t& c, int64_t& h,
+                                       int64_t& w) {
+  int64_t r;
+  if constexpr (CL) {
+    r = divmod(e, C, c);
+    r = divmod(r, W, w);
+    n = divmod(r, H, h);
+  } else {
+    r = divmod(e, W, w);
+    r = divmod(r, H, h);
+    n = divmod(r, C, c);
+  }
+}
+
+template <bool CL>
+__device__ __forceinline__ int64_t offset_of(int64_t n, int64_t c, int64_t h, int64_t w, int64_t C, int64_t H,
+                                             int64_t W) {
+  return CL ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
+}
+
+// Sum of squares over the window of channel c, with xp at channel 0 of the pixel.
+template <typename A, typename T>
+__device__ __forceinline__ A window_sumsq(const T* __restrict__ xp, int64_t cstride, int c, int C, int before,
+                                          int after) {
+  A s = 0;
+  const int j1 = min(C - 1, c + after);
+  for (int j = max(0, c - before); j <= j1; ++j) {
+    const A v = static_cast<A>(xp[j * cstride]);
+    s += v * v;
+  }
+  return s;
+}
+
+template <typename T, bool CL>
+__global__ void __launch_bounds__(kThreads)
+    lrn_forward_generic_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t total, int C, int H, int W,
+                               int before, int after, LrnParams<at::opmath_type<T>> prm) {
+  using A = at::opmath_type<T>;
+  const int64_t cstride = CL ? 1 : static_cast<int64_t>(H) * W;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    int64_t n, c, h, w;
+    coords<CL>(e, C, H, W, n, c, h, w);
+    const T* xp = x + e - c * cstride;
+    const A s = window_sumsq<A>(xp, cstride, static_cast<int>(c), C, before, after);
+    out[e] = static_cast<T>(static_cast<A>(x[e]) * lrn_factor(s, prm));
+  }
+}
+
+// dx of lrn (FUSED false: grad is x-shaped) or of lrn_max_pool2d (FUSED true: grad and indices
+// are pooled; the LRN output's gradient is gathered from the windows).
+template <typename T, bool CL, bool FUSED>
+__global__ void __launch_bounds__(kThreads)
+    lrn_backward_generic_kernel(const T* __restrict__ grad, const uint8_t* __restrict__ indices,
+                                const T* __restrict__ x, T* __restrict__ dx, int64_t total, int C, int before,
+                                int after, PoolShape ps, LrnParams<at::opmath_type<T>> prm) {
+  using A = at::opmath_type<T>;
+  const int H = ps.H, W = ps.W;
+  const int64_t cstride = CL ? 1 : static_cast<int64_t>(H) * W;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    int64_t n, c, h, w;
+    coords<CL>(e, C, H, W, n, c, h, w);
+    const int64_t pixel = e - c * cstride;
+    const T* xp = x + pixel;
+    const auto grad_at = [&](int j) -> A {
+      if constexpr (FUSED) {
+        const auto offset = [&](int oh, int ow) { return offset_of<CL>(n, j, oh, ow, C, ps.OH, ps.OW); };
+        return pool_gather(grad, indices, offset, static_cast<int>(h), static_cast<int>(w), ps);
+      } else {
+        return static_cast<A>(grad[pixel + j * cstride]);
+      }
+    };
+    // dx[c] = gf[c] - x[c] * sum of the terms t[j] of the channels j whose window holds c.
+    A own = 0, terms = 0;
+    const int j1 = min(C - 1, static_cast<int>(c) + before);
+    for (int j = max(0, static_cast<int>(c) - after); j <= j1; ++j) {
+      const A s = window_sumsq<A>(xp, cstride, j, C, before, after);
+      A gf, t;
+      lrn_grad_terms(s, static_cast<A>(xp[j * cstride]), grad_at(j), prm, gf, t);
+      terms += t;
+      if (j == c) own = gf;
+    }
+    dx[e] = static_cast<T>(own - static_cast<A>(x[e]) * terms);
+  }
+}
+
+// One thread per pooled output, in the output's memory order; each window element's LRN is
+// computed directly and rounded to T before the comparison, as max_pool2d(lrn(x)) would see it.
+template <typename T, bool CL>
+__global__ void __launch_bounds__(kThreads)
+    lrn_max_pool2d_forward_generic_kernel(const T* __restrict__ x, T* __restrict__ out,
+                                          uint8_t* __restrict__ indices, int64_t total, int C, int before,
+                                          int after, PoolShape ps, LrnParams<at::opmath_type<T>> prm) {
+  using A = at::opmath_type<T>;
+  const int64_t cstride = CL ? 1 : static_cast<int64_t>(ps.H) * ps.W;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    int64_t n, c, oh, ow;
+    coords<CL>(e, C, ps.OH, ps.OW, n, c, oh, ow);
+    A best = -std::numeric_limits<A>::infinity();
+    int arg = 0;
+    for (int a = 0; a < ps.kh; ++a) {
+      for (int b = 0; b < ps.kw; ++b) {
+        const T* xp = x + offset_of<CL>(n, 0, oh * ps.sh + a, ow * ps.sw + b, C, ps.H, ps.W);
+        const A s = window_sumsq<A>(xp, cstride, static_cast<int>(c), C, before, after);
+        const A v = static_cast<A>(static_cast<T>(static_cast<A>(xp[c * cstride]) * lrn_factor(s, prm)));
+        if (pool_takes(v, best)) best = v, arg = a * ps.kw + b;
+      }
+    }
+    out[e] = static_cast<T>(best);
+    indices[e] = static_cast<uint8_t>(arg);
+  }
+}
+
+// ================================================================================================
+// NCHW channel walks. Thread t owns VEC pixels (n, hw .. hw + VEC) and the channels
+// [c_begin, c_end) of group blockIdx.y; channel j of those pixels is at base + j * HW.
+// ================================================================================================
+template <typename T, int SIZE, int VEC, int U>
+__global__ void __launch_bounds__(kThreads)
+    lrn_forward_nchw_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t pixel_vecs, int64_t HW, int C,
+                            int c_chunk, LrnParams<float> prm) {
+  using Window = LrnForwardWindow<SIZE, VEC>;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (t >= pixel_vecs) return;
+  int64_t hwv;
+  const int64_t n = divmod(t, HW / VEC, hwv);
+  const int64_t base = n * C * HW + hwv * VEC;
+  const int c_begin = blockIdx.y * c_chunk, c_end = min(C, c_begin + c_chunk);
+  const int j_end = c_end + Window::kAfter;  // the stream: channels [c_begin - kBefore, j_end)
+  Window win;
+  win.reset();
+  for (int j0 = c_begin - Window::kBefore; j0 < j_end; j0 += U) {
+    float xb[U][VEC];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = j0 + u;
+      if (j >= 0 && j < C && j < j_end) {
+        load_as<VEC>(x + base + j * HW, xb[u]);
+      } else {
+        fill_zero(xb[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      win.push(xb[u]);
+      const int c = j0 + u - Window::kAfter;
+      if (c >= c_begin && c < c_end) {
+        float y[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) y[v] = win.out(v, prm);
+        store_as<VEC>(out + base + c * HW, y);
+      }
+    }
+  }
+}
+
+template <typename T, int SIZE, int VEC, int U>
+__global__ void __launch_bounds__(kThreads)
+    lrn_backward_nchw_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
+                             int64_t pixel_vecs, int64_t HW, int C, int c_chunk, LrnParams<float> prm) {
+  using Window = LrnBackwardWindow<SIZE, VEC>;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (t >= pixel_vecs) return;
+  int64_t hwv;
+  const int64_t n = divmod(t, HW / VEC, hwv);
+  const int64_t base = n * C * HW + hwv * VEC;
+  const int c_begin = blockIdx.y * c_chunk, c_end = min(C, c_begin + c_chunk);
+  // Stream step j reads x of channel j and grad of channel j - kAfter, and yields dx of channel
+  // j - SIZE + 1. Terms of channels below g_lo never reach a dx of this group.
+  const int j_end = c_end + SIZE - 1;
+  const int g_lo = max(0, c_begin - Window::kAfter);
+  Window win;
+  win.reset();
+  for (int j0 = c_begin - (SIZE - 1); j0 < j_end; j0 += U) {
+    float xb[U][VEC], gb[U][VEC];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = j0 + u, c = j - Window::kAfter;
+      if (j >= 0 && j < C && j < j_end) {
+        load_as<VEC>(x + base + j * HW, xb[u]);
+      } else {
+        fill_zero(xb[u]);
+      }
+      if (c >= g_lo && c < C && j < j_end) {
+        load_as<VEC>(grad + base + c * HW, gb[u]);
+      } else {
+        fill_zero(gb[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = j0 + u, c = j - Window::kAfter, i = j - (SIZE - 1);
+      win.push_x(xb[u]);
+      win.push_grad(gb[u], c >= 0 && c < C, prm);
+      if (i >= c_begin && i < c_end) {
+        float y[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) y[v] = win.dx(v);
+        store_as<VEC>(dx + base + i * HW, y);
+      }
+    }
+  }
+}
+
+// ================================================================================================
+// channels_last: lanes own chunks of VEC channels (see LaneChunk); C is a multiple of VEC, so a
+// chunk never straddles two pixels and the channel of its first element is (q mod C/VEC) * VEC.
+// ================================================================================================
+
+// The whole tensor is one row of chunks.
+template <typename T, int SIZE, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    lrn_forward_nhwc_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t warps, int64_t chunks, int C,
+                            LrnParams<float> prm) {
+  constexpr int kBefore = SIZE / 2, kAfter = (SIZE - 1) / 2;
+  const LaneChunk lc = lane_chunk(warps, chunks);
+  if (lc.row > 0) return;  // the whole warp
+  float xv[VEC];
+  int c0 = 0;
+  fill_zero(xv);
+  if (lc.loads) {
+    load_as<VEC>(x + lc.q * VEC, xv);
+    int64_t g;
+    divmod(lc.q, C / VEC, g);
+    c0 = static_cast<int>(g) * VEC;
+  }
+  float sq[VEC], sums[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) sq[v] = xv[v] * xv[v];
+  lane_window_sums<kBefore, kAfter>(sq, c0 > 0, c0 + VEC < C, sums);
+  if (lc.produces) {
+    float y[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) y[v] = xv[v] * lrn_factor(sums[v], prm);
+    store_as<VEC>(out + lc.q * VEC, y);
+  }
+}
+
+// The gradient of the pooled LRN output at VEC channels of pixel (n, h, w): the sum over the
+// windows covering the pixel, in (oh, ow) order, of grad_out where the window's index names it.
+template <int VEC, typename T>
+__device__ __forceinline__ void gather_pooled_grad_nhwc(const T* __restrict__ grad,
+                                                        const uint8_t* __restrict__ indices, int64_t n, int h, int w,
+                                                        int c0, int C, const PoolShape& s, float (&gy)[VEC]) {
+  int oh0, oh1, ow0, ow1;
+  covering_windows(h, s.kh, s.sh, s.ph, s.OH, oh0, oh1);
+  covering_windows(w, s.kw, s.sw, s.pw, s.OW, ow0, ow1);
+  for (int oh = oh0; oh < oh1; ++oh) {
+    for (int ow = ow0; ow < ow1; ++ow) {
+      const int offset = (h + s.ph - oh * s.sh) * s.kw + (w + s.pw - ow * s.sw);
+      const int64_t o = ((n * s.OH + oh) * s.OW + ow) * C + c0;
+      const Vec<uint8_t, VEC> k = load_vec<VEC>(indices + o);
+      float g[VEC];
+      load_as<VEC>(grad + o, g);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) gy[v] += k.v[v] == offset ? g[v] : 0.f;
+    }
+  }
+}
+
+// dx of lrn (FUSED false: one row of all chunks, grad x-shaped) or of lrn_max_pool2d (FUSED true:
+// a row per (n, h), of W * C / VEC chunks; grad and indices pooled, gathered per pixel).
+template <typename T, int SIZE, int VEC, bool FUSED>
+__global__ void __launch_bounds__(kThreads)
+    lrn_backward_nhwc_kernel(const T* __restrict__ grad, const uint8_t* __restrict__ indices,
+                             const T* __restrict__ x, T* __restrict__ dx, int64_t rows, int64_t warps_per_row,
+                             int64_t row_chunks, int C, PoolShape ps, LrnParams<float> prm) {
+  constexpr int kBefore = SIZE / 2, kAfter = (SIZE - 1) / 2;
+  const LaneChunk lc = lane_chunk(warps_per_row, row_chunks);
+  if (lc.row >= rows) return;  // the whole warp
+  const int64_t e = (lc.row * row_chunks + lc.q) * VEC;
+  float xv[VEC], gv[VEC];
+  int c0 = 0;
+  fill_zero(xv);
+  fill_zero(gv);
+  if (lc.loads) {
+    int64_t g;
+    const int64_t w = divmod(lc.q, C / VEC, g);
+    c0 = static_cast<int>(g) * VEC;
+    load_as<VEC>(x + e, xv);
+    if constexpr (FUSED) {
+      int64_t h;
+      const int64_t n = divmod(lc.row, ps.H, h);
+      gather_pooled_grad_nhwc<VEC>(grad, indices, n, static_cast<int>(h), static_cast<int>(w), c0, C, ps, gv);
+    } else {
+      load_as<VEC>(grad + e, gv);
+    }
+  }
+  const bool has_left = c0 > 0, has_right = c0 + VEC < C;
+  float sq[VEC], sums[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) sq[v] = xv[v] * xv[v];
+  lane_window_sums<kBefore, kAfter>(sq, has_left, has_right, sums);
+  float gf[VEC], t[VEC], tsums[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    lrn_grad_terms(sums[v], xv[v], gv[v], prm, gf[v], t[v]);
+    t[v] = lc.loads ? t[v] : 0.f;
+  }
+  // Channel c collects the terms of the channels whose window holds it: [c - kAfter, c + kBefore].
+  lane_window_sums<kAfter, kBefore>(t, has_left, has_right, tsums);
+  if (lc.produces) {
+    float y[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) y[v] = gf[v] - xv[v] * tsums[v];
+    store_as<VEC>(dx + e, y);
+  }
+}
+
+// ================================================================================================
+// Fused forward
+// ================================================================================================
+
+// NCHW: block (n, tile) pools a toh x tow tile of outputs from the tih x tiw input pixels under it,
+// for the channels of group blockIdx.y. Thread t holds input pixels t + k * kThreads (k < P) and
+// walks their channels; each round of U channels goes through shared memory to the pooling
+// threads, `lanes` of which share an output position.
+struct FusedTile {
+  int toh, tow, tiles_h, tiles_w;
+};
+
+template <typename T, int SIZE, int P, int U>
+__global__ void __launch_bounds__(kThreads)
+    lrn_max_pool2d_forward_nchw_kernel(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ indices,
+                                       int C, int c_chunk, PoolShape s, FusedTile ft, LrnParams<float> prm) {
+  using Window = LrnForwardWindow<SIZE, P>;
+  __shared__ T lrn_tile[U][P * kThreads];
+  const int tile = blockIdx.x;
+  const int tc = tile % ft.tiles_w, tr = (tile / ft.tiles_w) % ft.tiles_h, n = tile / ft.tiles_w / ft.tiles_h;
+  const int oh0 = tr * ft.toh, ow0 = tc * ft.tow;
+  const int toh = min(ft.toh, s.OH - oh0), tow = min(ft.tow, s.OW - ow0);
+  const int tiw = (tow - 1) * s.sw + s.kw, npix = ((toh - 1) * s.sh + s.kh) * tiw;
+  const int64_t plane_in = static_cast<int64_t>(s.H) * s.W, plane_out = static_cast<int64_t>(s.OH) * s.OW;
+
+  int pix_off[P];
+  bool pix_ok[P];
+#pragma unroll
+  for (int k = 0; k < P; ++k) {
+    const int p = threadIdx.x + k * kThreads, r = p / tiw;
+    pix_ok[k] = p < npix;
+    pix_off[k] = (oh0 * s.sh + r) * s.W + ow0 * s.sw + (p - r * tiw);
+  }
+  const int npos = toh * tow, lanes = kThreads / npos;
+  const bool pools = threadIdx.x < lanes * npos;
+  const int pos = threadIdx.x % npos, u_first = threadIdx.x / npos;
+  const int pr = pos / tow, pc = pos - pr * tow;
+  const int window0 = pr * s.sh * tiw + pc * s.sw;  // tile index of the window's top-left pixel
+  const T* xn = x + static_cast<int64_t>(n) * C * plane_in;
+  const int64_t out0 = static_cast<int64_t>(n) * C * plane_out + static_cast<int64_t>(oh0 + pr) * s.OW + ow0 + pc;
+
+  const int c_begin = blockIdx.y * c_chunk, c_end = min(C, c_begin + c_chunk);
+  const int j_end = c_end + Window::kAfter;
+  Window win;
+  win.reset();
+  for (int j0 = c_begin - Window::kBefore; j0 < j_end; j0 += U) {
+    float xb[U][P];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = j0 + u;
+      const bool channel = j >= 0 && j < C && j < j_end;
+#pragma unroll
+      for (int k = 0; k < P; ++k) {
+        xb[u][k] = channel && pix_ok[k] ? static_cast<float>(xn[j * plane_in + pix_off[k]]) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      win.push(xb[u]);
+      const int c = j0 + u - Window::kAfter;
+      if (c >= c_begin && c < c_end) {
+#pragma unroll
+        for (int k = 0; k < P; ++k) {
+          if (pix_ok[k]) lrn_tile[u][threadIdx.x + k * kThreads] = static_cast<T>(win.out(k, prm));
+        }
+      }
+    }
+    __syncthreads();
+    if (pools) {
+      for (int u = u_first; u < U; u += lanes) {
+        const int c = j0 + u - Window::kAfter;
+        if (c < c_begin || c >= c_end) continue;
+        float best = -INFINITY;
+        int arg = 0;
+        for (int a = 0; a < s.kh; ++a) {
+          const T* row = &lrn_tile[u][window0 + a * tiw];
+          for (int b = 0; b < s.kw; ++b) {
+            const float v = static_cast<float>(row[b]);
+            if (pool_takes(v, best)) best = v, arg = a * s.kw + b;
+          }
+        }
+        out[out0 + c * plane_out] = static_cast<T>(best);
+        indices[out0 + c * plane_out] = static_cast<uint8_t>(arg);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// channels_last: block (n, strip, column tile) produces output rows [oh_begin, oh_end) of the
+// tow output columns from ow0, all channels. Shared memory holds the LRN (as T) of the kh input
+// rows of the current output row, tiw pixels x C channels each, input row r in slot r % kh; each
+// output row computes only the input rows the previous one did not have. The LRN of a row segment
+// (tiw * C contiguous elements) is the channels_last lane scheme above, one warp task per 30
+// chunks, kRollBatch tasks loaded ahead.
+struct FusedRoll {
+  int tow, tiles_w, strip_rows, strips;
+};
+
+template <typename T, int SIZE, int VEC, int B>
+__global__ void __launch_bounds__(kThreads)
+    lrn_max_pool2d_forward_nhwc_kernel(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ indices,
+                                       int C, PoolShape s, FusedRoll fr, LrnParams<float> prm) {
+  constexpr int kBefore = SIZE / 2, kAfter = (SIZE - 1) / 2;
+  extern __shared__ __align__(16) unsigned char roll_smem[];
+  T* rows = reinterpret_cast<T*>(roll_smem);
+  const int tile = blockIdx.x;
+  const int tc = tile % fr.tiles_w, st = (tile / fr.tiles_w) % fr.strips, n = tile / fr.tiles_w / fr.strips;
+  const int ow0 = tc * fr.tow, tow = min(fr.tow, s.OW - ow0), tiw = (tow - 1) * s.sw + s.kw;
+  const int oh_begin = st * fr.strip_rows, oh_end = min(s.OH, oh_begin + fr.strip_rows);
+  const int G = C / VEC, seg_chunks = tiw * G;
+  const int seg_warps = (seg_chunks + kProducingLanes - 1) / kProducingLanes;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const T* xn = x + (static_cast<int64_t>(n) * s.H * s.W + static_cast<int64_t>(ow0) * s.sw) * C;
+
+  for (int oh = oh_begin; oh < oh_end; ++oh) {
+    const int r_hi = oh * s.sh + s.kh;
+    const int r_lo = oh == oh_begin ? oh * s.sh : max(oh * s.sh, r_hi - s.sh);
+    const int tasks = (r_hi - r_lo) * seg_warps;
+    for (int t0 = warp; t0 < tasks; t0 += kWarps * B) {
+      float xv[B][VEC];
+      int c0[B], dst[B];
+      bool produces[B];
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const int t = t0 + b * kWarps;
+        fill_zero(xv[b]);
+        c0[b] = dst[b] = 0;
+        produces[b] = false;
+        const int row = r_lo + t / seg_warps, q = (t % seg_warps) * kProducingLanes + lane - 1;
+        if (t < tasks && q >= 0 && q < seg_chunks) {
+          const int px = q / G;
+          c0[b] = (q - px * G) * VEC;
+          load_as<VEC>(xn + (static_cast<int64_t>(row) * s.W + px) * C + c0[b], xv[b]);
+          produces[b] = lane >= 1 && lane <= kProducingLanes;
+          dst[b] = ((row % s.kh) * tiw + px) * C + c0[b];
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        if (t0 + b * kWarps >= tasks) break;  // uniform over the warp
+        float sq[VEC], sums[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) sq[v] = xv[b][v] * xv[b][v];
+        lane_window_sums<kBefore, kAfter>(sq, c0[b] > 0, c0[b] + VEC < C, sums);
+        if (produces[b]) {
+          float y[VEC];
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) y[v] = xv[b][v] * lrn_factor(sums[v], prm);
+          store_as<VEC>(rows + dst[b], y);
+        }
+      }
+    }
+    __syncthreads();
+    const int64_t out_row = (static_cast<int64_t>(n) * s.OH + oh) * s.OW + ow0;
+    for (int t = threadIdx.x; t < tow * G; t += kThreads) {
+      const int pc = t / G, c0 = (t - pc * G) * VEC;
+      float best[VEC];
+      int arg[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) best[v] = -INFINITY, arg[v] = 0;
+      for (int a = 0; a < s.kh; ++a) {
+        const T* rp = rows + (((oh * s.sh + a) % s.kh) * tiw + pc * s.sw) * C + c0;
+        for (int b = 0; b < s.kw; ++b) {
+          float v[VEC];
+          load_as<VEC>(rp + b * C, v);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            if (pool_takes(v[i], best[i])) best[i] = v[i], arg[i] = a * s.kw + b;
+          }
+        }
+      }
+      store_as<VEC>(out + (out_row + pc) * C + c0, best);
+      store_as<VEC>(indices + (out_row + pc) * C + c0, arg);
+    }
+    __syncthreads();
+  }
+}
+
+// ================================================================================================
+// Fused backward, NCHW, 3x3/2 pool: thread = (n, stride cell (i, j)) x channel group. Each
+// channel step reads x at the cell's 4 pixels and the indices and grad_out of the (at most) 2x2
+// windows covering the cell, gathers the LRN output's gradient at the 4 pixels (PoolCell), and
+// advances an LrnBackwardWindow over them.
+// ================================================================================================
+template <typename T, int SIZE, int U>
+__global__ void __launch_bounds__(kThreads)
+    lrn_max_pool2d_backward_nchw_kernel(const T* __restrict__ grad, const uint8_t* __restrict__ indices,
+                                        const T* __restrict__ x, T* __restrict__ dx, int64_t cells, int cells_h,
+                                        int cells_w, int C, int c_chunk, PoolShape s, LrnParams<float> prm) {
+  using Cell = PoolCell<kCellK, kCellK, kCellS, kCellS>;
+  constexpr int kPix = kCellS * kCellS, kWin = Cell::kWinH * Cell::kWinW;
+  using Window = LrnBackwardWindow<SIZE, kPix>;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (t >= cells) return;
+  int64_t i, j;
+  const int64_t n = divmod(divmod(t, cells_w, j), cells_h, i);
+  int pix_off[kPix], win_off[kWin];
+  bool pix_ok[kPix], win_ok[kWin];
+#pragma unroll
+  for (int p = 0; p < kPix; ++p) {
+    const int h = static_cast<int>(i) * kCellS + p / kCellS, w = static_cast<int>(j) * kCellS + p % kCellS;
+    pix_ok[p] = h < s.H && w < s.W;
+    pix_off[p] = h * s.W + w;
+  }
+#pragma unroll
+  for (int q = 0; q < kWin; ++q) {
+    // q = (a, b) with a, b descending as q ascends: windows in (oh, ow) order.
+    const int oh = static_cast<int>(i) - (Cell::kWinH - 1 - q / Cell::kWinW);
+    const int ow = static_cast<int>(j) - (Cell::kWinW - 1 - q % Cell::kWinW);
+    win_ok[q] = oh >= 0 && oh < s.OH && ow >= 0 && ow < s.OW;
+    win_off[q] = oh * s.OW + ow;
+  }
+  const int64_t plane_in = static_cast<int64_t>(s.H) * s.W, plane_out = static_cast<int64_t>(s.OH) * s.OW;
+  const T* xn = x + n * C * plane_in;
+  T* dxn = dx + n * C * plane_in;
+  const T* gn = grad + n * C * plane_out;
+  const uint8_t* in = indices + n * C * plane_out;
+
+  const int c_begin = blockIdx.y * c_chunk, c_end = min(C, c_begin + c_chunk);
+  const int j_end = c_end + SIZE - 1;
+  const int g_lo = max(0, c_begin - Window::kAfter);
+  Window win;
+  win.reset();
+  for (int j0 = c_begin - (SIZE - 1); j0 < j_end; j0 += U) {
+    float xb[U][kPix], gb[U][kWin];
+    int kb[U][kWin];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int jj = j0 + u, c = jj - Window::kAfter;
+      const bool xch = jj >= 0 && jj < C && jj < j_end, gch = c >= g_lo && c < C && jj < j_end;
+#pragma unroll
+      for (int p = 0; p < kPix; ++p) {
+        xb[u][p] = xch && pix_ok[p] ? static_cast<float>(xn[jj * plane_in + pix_off[p]]) : 0.f;
+      }
+#pragma unroll
+      for (int q = 0; q < kWin; ++q) {
+        const bool ok = gch && win_ok[q];
+        kb[u][q] = ok ? static_cast<int>(in[c * plane_out + win_off[q]]) : -1;
+        gb[u][q] = ok ? static_cast<float>(gn[c * plane_out + win_off[q]]) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int jj = j0 + u, c = jj - Window::kAfter, ci = jj - (SIZE - 1);
+      win.push_x(xb[u]);
+      float cell[kCellS][kCellS] = {};
+#pragma unroll
+      for (int q = 0; q < kWin; ++q) {
+        Cell::add(Cell::kWinH - 1 - q / Cell::kWinW, Cell::kWinW - 1 - q % Cell::kWinW, kb[u][q], gb[u][q], cell);
+      }
+      float gy[kPix];
+#pragma unroll
+      for (int p = 0; p < kPix; ++p) gy[p] = cell[p / kCellS][p % kCellS];
+      win.push_grad(gy, c >= 0 && c < C, prm);
+      if (ci >= c_begin && ci < c_end) {
+#pragma unroll
+        for (int p = 0; p < kPix; ++p) {
+          if (pix_ok[p]) dxn[ci * plane_in + pix_off[p]] = static_cast<T>(win.dx(p));
+        }
+      }
+    }
+  }
+}
+
+// ================================================================================================
+// Host side
+// ================================================================================================
+constexpr int64_t kNoPadding[2] = {0, 0};
+
+unsigned generic_grid(int64_t total) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, kThreads), int64_t(sm_count()) * 64)));
+}
+
+bool is_channels_last(at::MemoryFormat fmt) { return fmt == at::MemoryFormat::ChannelsLast; }
+
+void check_plane(int64_t h, int64_t w) {
+  TORCH_CHECK(h * w < (int64_t(1) << 31), "x: planes of more than 2^31 elements are not supported, got ", h, " x ",
+              w);
+}
+
+// The 16-byte vector of T the channels_last kernels load, if C and the tensors allow it.
+template <typename T>
+bool channels_last_vectors(int64_t C, std::initializer_list<const at::Tensor*> tensors) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (C % kVec != 0) return false;
+  for (const at::Tensor* t : tensors) {
+    if (!aligned_to(*t, t->scalar_type() == at::kByte ? kVec : 16)) return false;
+  }
+  return true;
+}
+
+template <typename T>
+void lrn_forward_fast(const at::Tensor& x, at::Tensor& out, const LrnParams<float>& prm, cudaStream_t stream) {
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const T* xp = x.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  if (is_channels_last(output_memory_format(x))) {
+    constexpr int kVec = 16 / sizeof(T);
+    const int64_t chunks = x.numel() / kVec, warps = ceil_div(chunks, kProducingLanes);
+    lrn_forward_nhwc_kernel<T, kFastLrnSize, kVec><<<grid_blocks(warps, kWarps), kThreads, 0, stream>>>(
+        xp, op, warps, chunks, static_cast<int>(C), prm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  constexpr int kVec = 4;
+  const bool vec = HW % kVec == 0 && aligned_to(x, kVec * sizeof(T)) && aligned_to(out, kVec * sizeof(T));
+  const int64_t pixel_vecs = N * HW / (vec ? kVec : 1);
+  const int chunk = channel_chunk(pixel_vecs, C);
+  const dim3 grid(grid_blocks(pixel_vecs, kThreads), static_cast<unsigned>(ceil_div(C, chunk)));
+  const auto kernel = vec ? lrn_forward_nchw_kernel<T, kFastLrnSize, kVec, kForwardUnroll>
+                          : lrn_forward_nchw_kernel<T, kFastLrnSize, 1, kForwardUnroll>;
+  kernel<<<grid, kThreads, 0, stream>>>(xp, op, pixel_vecs, HW, static_cast<int>(C), chunk, prm);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void lrn_backward_fast(const at::Tensor& g, const at::Tensor& x, at::Tensor& dx, const LrnParams<float>& prm,
+                       cudaStream_t stream) {
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const T* gp = g.const_data_ptr<T>();
+  const T* xp = x.const_data_ptr<T>();
+  T* dp = dx.mutable_data_ptr<T>();
+  if (is_channels_last(output_memory_format(x))) {
+    constexpr int kVec = 16 / sizeof(T);
+    const int64_t chunks = x.numel() / kVec, warps = ceil_div(chunks, kProducingLanes);
+    lrn_backward_nhwc_kernel<T, kFastLrnSize, kVec, false><<<grid_blocks(warps, kWarps), kThreads, 0, stream>>>(
+        gp, nullptr, xp, dp, 1, warps, chunks, static_cast<int>(C), PoolShape{}, prm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  constexpr int kVec = 4;
+  const int64_t bytes = kVec * sizeof(T);
+  const bool vec = HW % kVec == 0 && aligned_to(x, bytes) && aligned_to(g, bytes) && aligned_to(dx, bytes);
+  const int64_t pixel_vecs = N * HW / (vec ? kVec : 1);
+  const int chunk = channel_chunk(pixel_vecs, C);
+  const dim3 grid(grid_blocks(pixel_vecs, kThreads), static_cast<unsigned>(ceil_div(C, chunk)));
+  const auto kernel = vec ? lrn_backward_nchw_kernel<T, kFastLrnSize, kVec, kBackwardUnroll>
+                          : lrn_backward_nchw_kernel<T, kFastLrnSize, 1, kBackwardUnroll>;
+  kernel<<<grid, kThreads, 0, stream>>>(gp, xp, dp, pixel_vecs, HW, static_cast<int>(C), chunk, prm);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor lrn_cuda(const at::Tensor& x, int64_t size, double alpha, double beta, double k) {
+  CHECK_4D(x);
+  CHECK_FLOATING(x);
+  CHECK_CUDA_TENSOR(x);
+  check_lrn_params(size, beta, k);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto fmt = output_memory_format(x);
+  const at::Tensor xc = x.contiguous(fmt);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  check_plane(x.size(2), x.size(3));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrn_cuda", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (size == kFastLrnSize &&
+          (!is_channels_last(fmt) || channels_last_vectors<scalar_t>(x.size(1), {&xc, &out}))) {
+        lrn_forward_fast<scalar_t>(xc, out, make_lrn_params<float>(size, alpha, beta, k), stream);
+        return;
+      }
+    }
+    const int64_t total = out.numel();
+    const auto kernel = is_channels_last(fmt) ? lrn_forward_generic_kernel<scalar_t, true>
+                                              : lrn_forward_generic_kernel<scalar_t, false>;
+    kernel<<<generic_grid(total), kThreads, 0, stream>>>(
+        xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), total, static_cast<int>(x.size(1)),
+        static_cast<int>(x.size(2)), static_cast<int>(x.size(3)), static_cast<int>(size / 2),
+        static_cast<int>((size - 1) / 2), make_lrn_params<at::opmath_type<scalar_t>>(size, alpha, beta, k));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+void check_grad_like(const at::Tensor& grad_out, const at::Tensor& x) {
+  CHECK_4D(x);
+  CHECK_FLOATING(x);
+  CHECK_CUDA_TENSOR(x);
+  CHECK_4D(grad_out);
+  CHECK_SAME_DTYPE(x, grad_out);
+  CHECK_SAME_DEVICE(x, grad_out);
+}
+
+at::Tensor lrn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, int64_t size, double alpha,
+                             double beta, double k) {
+  check_grad_like(grad_out, x);
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out must have the shape of x ", x.sizes(), ", got ",
+              grad_out.sizes());
+  check_lrn_params(size, beta, k);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto fmt = output_memory_format(x);
+  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor g = grad_out.contiguous(fmt);
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
+  if (dx.numel() == 0) return dx;
+  check_plane(x.size(2), x.size(3));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrn_backward_cuda", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (size == kFastLrnSize &&
+          (!is_channels_last(fmt) || channels_last_vectors<scalar_t>(x.size(1), {&xc, &g, &dx}))) {
+        lrn_backward_fast<scalar_t>(g, xc, dx, make_lrn_params<float>(size, alpha, beta, k), stream);
+        return;
+      }
+    }
+    const int64_t total = dx.numel();
+    const PoolShape shape{static_cast<int>(x.size(2)), static_cast<int>(x.size(3))};
+    const auto kernel = is_channels_last(fmt) ? lrn_backward_generic_kernel<scalar_t, true, false>
+                                              : lrn_backward_generic_kernel<scalar_t, false, false>;
+    kernel<<<generic_grid(total), kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), nullptr, xc.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), total,
+        static_cast<int>(x.size(1)), static_cast<int>(size / 2), static_cast<int>((size - 1) / 2), shape,
+        make_lrn_params<at::opmath_type<scalar_t>>(size, alpha, beta, k));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dx;
+}
+
+// The NCHW tile: balanced tiles of at most 32 output columns, as many rows as keep the input
+// tile within kTilePixels pixels per thread and the outputs within one per thread.
+FusedTile choose_tile(const PoolShape& s) {
+  const auto fits = [&](int64_t toh, int64_t tow) {
+    return toh * tow <= kThreads && ((toh - 1) * s.sh + s.kh) * ((tow - 1) * s.sw + s.kw) <= kTilePixels * kThreads;
+  };
+  int64_t tow = std::min<int64_t>(s.OW, 32);
+  while (tow > 1 && !fits(1, tow)) --tow;
+  int64_t toh = 1;
+  while (toh < s.OH && fits(toh + 1, tow)) ++toh;
+  FusedTile ft;
+  ft.tiles_w = static_cast<int>(ceil_div(s.OW, tow));
+  ft.tiles_h = static_cast<int>(ceil_div(s.OH, toh));
+  ft.tow = static_cast<int>(ceil_div(s.OW, ft.tiles_w));
+  ft.toh = static_cast<int>(ceil_div(s.OH, ft.tiles_h));
+  return ft;
+}
+
+// Blocks of kThreads that keep about kTargetThreadsPerSm threads busy per SM.
+int64_t target_blocks() { return kTargetThreadsPerSm * sm_count() / kThreads; }
+
+template <typename T>
+bool lrn_max_pool2d_forward_fast(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, const PoolShape& s,
+                                 const LrnParams<float>& prm, cudaStream_t stream) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const T* xp = x.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  uint8_t* ip = indices.mutable_data_ptr<uint8_t>();
+  if (is_channels_last(output_memory_format(x))) {
+    constexpr int kVec = 16 / sizeof(T);
+    if (!channels_last_vectors<T>(C, {&x, &out, &indices})) return false;
+    const int64_t row_bytes = s.kh * C * static_cast<int64_t>(sizeof(T));  // one input pixel column
+    const int64_t max_tiw = kRollSharedBytes / row_bytes;
+    if (max_tiw < s.kw) return false;
+    FusedRoll fr;
+    fr.tiles_w = static_cast<int>(ceil_div(s.OW, std::min<int64_t>(s.OW, (max_tiw - s.kw) / s.sw + 1)));
+    fr.tow = static_cast<int>(ceil_div(s.OW, fr.tiles_w));
+    const int64_t strips = std::clamp<int64_t>(ceil_div(target_blocks(), N * fr.tiles_w), 1, s.OH);
+    fr.strip_rows = static_cast<int>(ceil_div(s.OH, strips));
+    fr.strips = static_cast<int>(ceil_div(s.OH, fr.strip_rows));
+    const int64_t smem = ((fr.tow - 1) * s.sw + s.kw) * row_bytes;
+    lrn_max_pool2d_forward_nhwc_kernel<T, kFastLrnSize, kVec, kRollBatch>
+        <<<grid_blocks(N * fr.tiles_w * fr.strips, 1), kThreads, smem, stream>>>(xp, op, ip, static_cast<int>(C), s,
+                                                                                 fr, prm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
+  const FusedTile ft = choose_tile(s);
+  const int64_t tiles = N * ft.tiles_w * ft.tiles_h;
+  const int chunk = channel_chunk(tiles * kThreads, C);
+  const dim3 grid(grid_blocks(tiles, 1), static_cast<unsigned>(ceil_div(C, chunk)));
+  lrn_max_pool2d_forward_nchw_kernel<T, kFastLrnSize, kTilePixels, kTileChannels>
+      <<<grid, kThreads, 0, stream>>>(xp, op, ip, static_cast<int>(C), chunk, s, ft, prm);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor> lrn_max_pool2d_cuda(const at::Tensor& x, int64_t size, double alpha, double beta,
+                                                       double k, at::IntArrayRef kernel_size, at::IntArrayRef stride) {
+  CHECK_4D(x);
+  CHECK_FLOATING(x);
+  CHECK_CUDA_TENSOR(x);
+  check_lrn_params(size, beta, k);
+  const at::IntArrayRef padding(kNoPadding, 2);
+  cpu::check_pool_params(kernel_size, stride, padding);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto out_hw = cpu::pool_output_hw(H, W, kernel_size, stride, padding, false);
+  const int64_t OH = out_hw.first, OW = out_hw.second;
+  check_plane(H, W);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto fmt = output_memory_format(x);
+  const at::Tensor xc = x.contiguous(fmt);
+  at::Tensor out = at::empty({N, C, OH, OW}, x.options().memory_format(fmt));
+  at::Tensor indices = at::empty({N, C, OH, OW}, x.options().dtype(at::kByte).memory_format(fmt));
+  if (out.numel() == 0) return {out, indices};
+  const PoolShape s = make_pool_shape(H, W, OH, OW, kernel_size, stride, padding);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrn_max_pool2d_cuda", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (size == kFastLrnSize &&
+          lrn_max_pool2d_forward_fast<scalar_t>(xc, out, indices, s, make_lrn_params<float>(size, alpha, beta, k),
+                                                stream)) {
+        return;
+      }
+    }
+    const int64_t total = out.numel();
+    const auto kernel = is_channels_last(fmt) ? lrn_max_pool2d_forward_generic_kernel<scalar_t, true>
+                                              : lrn_max_pool2d_forward_generic_kernel<scalar_t, false>;
+    kernel<<<generic_grid(total), kThreads, 0, stream>>>(
+        xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<uint8_t>(), total,
+        static_cast<int>(C), static_cast<int>(size / 2), static_cast<int>((size - 1) / 2), s,
+        make_lrn_params<at::opmath_type<scalar_t>>(size, alpha, beta, k));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, indices};
+}
+
+template <typename T>
+bool lrn_max_pool2d_backward_fast(const at::Tensor& g, const at::Tensor& x, const at::Tensor& indices,
+                                  at::Tensor& dx, const PoolShape& s, const LrnParams<float>& prm,
+                                  cudaStream_t stream) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const T* gp = g.const_data_ptr<T>();
+  const T* xp = x.const_data_ptr<T>();
+  const uint8_t* ip = indices.const_data_ptr<uint8_t>();
+  T* dp = dx.mutable_data_ptr<T>();
+  if (is_channels_last(output_memory_format(x))) {
+    constexpr int kVec = 16 / sizeof(T);
+    if (!channels_last_vectors<T>(C, {&x, &g, &indices, &dx})) return false;
+    const int64_t rows = N * s.H, row_chunks = s.W * C / kVec;
+    const int64_t warps_per_row = ceil_div(row_chunks, kProducingLanes);
+    lrn_backward_nhwc_kernel<T, kFastLrnSize, kVec, true>
+        <<<grid_blocks(rows * warps_per_row, kWarps), kThreads, 0, stream>>>(
+            gp, ip, xp, dp, rows, warps_per_row, row_chunks, static_cast<int>(C), s, prm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
+  if (s.kh != kCellK || s.kw != kCellK || s.sh != kCellS || s.sw != kCellS) return false;
+  const int64_t cells_h = ceil_div(s.H, kCellS), cells_w = ceil_div(s.W, kCellS), cells = N * cells_h * cells_w;
+  const int chunk = channel_chunk(cells, C);
+  const dim3 grid(grid_blocks(cells, kThreads), static_cast<unsigned>(ceil_div(C, chunk)));
+  lrn_max_pool2d_backward_nchw_kernel<T, kFastLrnSize, kCellUnroll><<<grid, kThreads, 0, stream>>>(
+      gp, ip, xp, dp, cells, static_cast<int>(cells_h), static_cast<int>(cells_w), static_cast<int>(C), chunk, s, prm);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+at::Tensor lrn_max_pool2d_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& indices,
+                                        int64_t size, double alpha, double beta, double k,
+                                        at::IntArrayRef kernel_size, at::IntArrayRef stride) {
+  check_grad_like(grad_out, x);
+  CHECK_4D(indices);
+  TORCH_CHECK(indices.scalar_type() == at::kByte, "indices must be a uint8 tensor, got ", indices.scalar_type());
+  CHECK_SAME_DEVICE(x, indices);
+  check_lrn_params(size, beta, k);
+  const at::IntArrayRef padding(kNoPadding, 2);
+  cpu::check_pool_params(kernel_size, stride, padding);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto out_hw = cpu::pool_output_hw(H, W, kernel_size, stride, padding, false);
+  const int64_t OH = out_hw.first, OW = out_hw.second;
+  CHECK_SHAPE(grad_out, N, C, OH, OW);
+  CHECK_SHAPE(indices, N, C, OH, OW);
+  check_plane(H, W);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto fmt = output_memory_format(x);
+  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor g = grad_out.contiguous(fmt);
+  const at::Tensor idx = indices.contiguous(fmt);
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
+  if (dx.numel() == 0) return dx;
+  const PoolShape s = make_pool_shape(H, W, OH, OW, kernel_size, stride, padding);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrn_max_pool2d_backward_cuda", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (size == kFastLrnSize &&
+          lrn_max_pool2d_backward_fast<scalar_t>(g, xc, idx, dx, s, make_lrn_params<float>(size, alpha, beta, k),
+                                                 stream)) {
+        return;
+      }
+    }
+    const int64_t total = dx.numel();
+    const auto kernel = is_channels_last(fmt) ? lrn_backward_generic_kernel<scalar_t, true, true>
+                                              : lrn_backward_generic_kernel<scalar_t, false, true>;
+    kernel<<<generic_grid(total), kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), idx.const_data_ptr<uint8_t>(), xc.const_data_ptr<scalar_t>(),
+        dx.mutable_data_ptr<scalar_t>(), total, static_cast<int>(C), static_cast<int>(size / 2),
+        static_cast<int>((size - 1) / 2), s, make_lrn_params<at::opmath_type<scalar_t>>(size, alpha, beta, k));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dx;
+}
+
+}  // namespace
+}  // namespace alexnet_fast::gpu
+
+TORCH_LIBRARY_IMPL(alexnet_fast, CUDA, m) {
+  m.impl("lrn", &alexnet_fast::gpu::lrn_cuda);
+  m.impl("lrn_backward", &alexnet_fast::gpu::lrn_backward_cuda);
+  m.impl("lrn_max_pool2d", &alexnet_fast::gpu::lrn_max_pool2d_cuda);
+  m.impl("lrn_max_pool2d_backward", &alexnet_fast::gpu::lrn_max_pool2d_backward_cuda);
+}

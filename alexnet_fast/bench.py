@@ -261,7 +261,8 @@ def _format(value) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.6g}"
+        # whole numbers (byte and FLOP counts read back as floats) keep every digit
+        return str(int(value)) if value.is_integer() else f"{value:.6g}"
     return str(value)
 
 
@@ -598,8 +599,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT})")
     p.add_argument("--markdown", nargs="?", const="", metavar="CSV",
-                   help="print the markdown tables of a results CSV (default: this device's CSV in OUT); "
-                        "alone, without --ops/--train-step, nothing is run")
+                   help="print the markdown tables of a results CSV (default: this device's CSV in OUT), "
+                        "filtered by --dtype/--layout/--mode; alone, without --ops/--train-step, nothing "
+                        "is run (e.g. --markdown benchmarks/results/nvidia-h200.csv on any machine)")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.set_defaults(func=run_command)
 
@@ -672,7 +674,8 @@ def run_command(args) -> int:
     if not args.no_plots:
         written += write_plots(merged, csv_path.parent, name)
     print()
-    print(markdown(rows))
+    # --markdown with a run: the whole merged table (this device's CSV); without: this run's rows
+    print(markdown(merged, args.dtype, args.layout, args.mode) if args.markdown is not None else markdown(rows))
     print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - start:.0f} s")
     problems = [r for r in rows if r.get("status") in PROBLEM_STATUSES]
     if problems:

@@ -27,7 +27,6 @@ from alexnet_fast.bench import (
 from alexnet_fast.model import ALEXNET_CONVS, INPUT_SIZE, LRN_PARAMS, POOL_PARAMS, ConvSpec, layer_shapes
 
 OP_PROVIDERS = ("eager", "cudnn_fused", "compile", "native", "triton", "auto")
-OURS = ("native", "triton", "auto")
 TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Normwise relative difference from eager (same dtype) above which a provider is flagged: far
 # above two correct implementations' rounding differences, far below a wrong result's ~1.

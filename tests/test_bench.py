@@ -121,7 +121,9 @@ def _op_row(provider, ms, kernel="lrn", mode="fwd", status="ok", **kw):
 
 def test_upsert_replaces_rows_by_key_and_keeps_the_rest(tmp_path):
     path = tmp_path / "r" / "test-gpu.csv"
-    bench.upsert_csv(path, [_op_row("eager", 2.0), _op_row("native", 1.0), _op_row("native", 3.0, mode="bwd")])
+    big = 123456789012345  # byte counts survive being read back as floats and written again
+    bench.upsert_csv(path, [_op_row("eager", 2.0, min_bytes=big), _op_row("native", 1.0),
+                            _op_row("native", 3.0, mode="bwd")])
     with open(path, newline="") as f:
         lines = list(csv.DictReader(f))
     lines[0]["extra_column"] = "kept"
@@ -134,7 +136,7 @@ def test_upsert_replaces_rows_by_key_and_keeps_the_rest(tmp_path):
     assert [(r["provider"], r["mode"]) for r in rows] == [("eager", "fwd"), ("native", "fwd"), ("native", "bwd"),
                                                           ("triton", "fwd")]
     assert [r["ms"] for r in rows] == [2.0, 0.5, 3.0, 0.25]
-    assert rows[0]["extra_column"] == "kept" and rows[0]["gpu"] == "Test GPU"
+    assert rows[0]["extra_column"] == "kept" and rows[0]["gpu"] == "Test GPU" and rows[0]["min_bytes"] == big
     by = {(r["provider"], r["mode"]): r for r in rows}
     assert by[("native", "fwd")]["vs_eager"] == pytest.approx(4.0)
     assert by[("triton", "fwd")]["vs_eager"] == pytest.approx(8.0)

@@ -105,7 +105,7 @@ def format_row(row: dict) -> str:
     if row["status"] in ("skipped", "failed"):
         return f"{head} {row['status']}: {row['note']}"
     line = f"{head} {row['ms']:9.4f} ms [{row['ms_p20']:.4f}-{row['ms_p80']:.4f}]"
-    for field, fmt in (("gbps", " {:7.0f} GB/s"), ("tflops", " {:6.1f} TFLOP/s"), ("frac_roofline", " {:4.0%} of roofline"),
+    for field, fmt in (("gbps", " {:7.4g} GB/s"), ("tflops", " {:6.4g} TFLOP/s"), ("frac_roofline", " {:4.0%} of roofline"),
                        ("images_per_s", " {:,.0f} img/s"), ("compile_s", " compile {:.1f} s"), ("peak_mb", " peak {:.0f} MB")):
         if row.get(field):
             line += fmt.format(row[field])
@@ -452,8 +452,12 @@ def _step_table(step_rows) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 def write_plots(rows, out_dir, name: str) -> list[Path]:
     """PNG plots of ``rows``: speedup over eager per op and provider, the roofline scatter, and
-    the training step. Returns the files written."""
-    from matplotlib.figure import Figure
+    the training step. Returns the files written (none without matplotlib)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
 
     out_dir = Path(out_dir)
     written = []

@@ -55,7 +55,8 @@ def prepare_step(provider: str, layout: str, batch: int, dtype: str, size: int, 
     torch.manual_seed(seed)
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     backend = "torch" if provider in ("eager", "compile") else "auto"
-    model = AlexNet(num_classes=NUM_CLASSES, backend=backend).to(device).to(memory_format=fmt).train()
+    with torch.device(device):  # initialise the 58M parameters where they live
+        model = AlexNet(num_classes=NUM_CLASSES, backend=backend).to(memory_format=fmt).train()
     # SGD keeps no step counter on the device, so it needs no capturable flag to be captured.
     opt = torch.optim.SGD(model.parameters(), **SGD_ARGS)
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -26,6 +26,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -143,6 +144,7 @@ struct ConvArgs {
   int k_tiles_per_split;       // wgrad: k-tiles of blockIdx.y's slice; others: k_tiles
   int m_tiles, n_tiles;
   bool m_fastest;              // block order: consecutive blocks share the B tile when true
+  int tile_begin;              // tile of blockIdx.x == 0 (a launch may cover the last tiles only)
   const T* x;                  // forward A, wgrad B (NHWC)
   const T* grad;               // dgrad A, wgrad A: grad_out (NHWC)
   const T* out;                // the forward output, whose sign is the ReLU mask (NHWC)
@@ -152,7 +154,19 @@ struct ConvArgs {
   T* y;                        // forward out / dgrad dx (NHWC, dense [gemm_m][gemm_n])
   float* workspace;            // wgrad: [splits][gemm_m][workspace_ld] fp32 partial sums
   int workspace_ld;            // even
+  float* partial;              // forward/dgrad split tail: [splits][gridDim.x][kBlockM * kBlockN]
 };
+
+template <typename T>
+__host__ __device__ __forceinline__ void tile_coords(const ConvArgs<T>& a, int tile, int& tm, int& tn) {
+  if (a.m_fastest) {
+    tm = tile % a.m_tiles;
+    tn = tile / a.m_tiles;
+  } else {
+    tn = tile % a.n_tiles;
+    tm = tile / a.n_tiles;
+  }
+}
 
 // Where an output pixel's receptive field starts in x: x[b, h + r, w + s, c] is at
 // base + ((h + r) * W + (w + s)) * C + c.
@@ -837,34 +851,37 @@ __device__ __forceinline__ void store_pair(T* base, int64_t off, int col, int nc
   }
 }
 
-template <typename T>
-struct ForwardEpilogue {
-  template <class Math>
-  __device__ __forceinline__ static void apply(const ConvArgs<T>& a, const Math& math, int m0, int n0) {
-    math.for_each_pair([&](int row, int col, float v0, float v1) {
-      const int m = m0 + row, n = n0 + col;
-      if (m >= a.gemm_m || n >= a.gemm_n) return;
-      if (a.bias != nullptr) {
-        v0 += Num<T>::to_float(load_bits(a.bias + n));
-        if (n + 1 < a.gemm_n) v1 += Num<T>::to_float(load_bits(a.bias + n + 1));
-      }
-      // relu that keeps NaN, as torch.relu does.
-      v0 = v0 < 0.f ? 0.f : v0;
-      v1 = v1 < 0.f ? 0.f : v1;
-      store_pair(a.y, static_cast<int64_t>(m) * a.gemm_n + n, n, a.gemm_n, v0, v1);
-    });
+// Bias and ReLU (forward) and the store of one pair of outputs at (m, n), (m, n + 1).
+template <typename T, bool kForward>
+__device__ __forceinline__ void store_output(const ConvArgs<T>& a, int m, int n, float v0, float v1) {
+  if (m >= a.gemm_m || n >= a.gemm_n) return;
+  if constexpr (kForward) {
+    if (a.bias != nullptr) {
+      v0 += Num<T>::to_float(load_bits(a.bias + n));
+      if (n + 1 < a.gemm_n) v1 += Num<T>::to_float(load_bits(a.bias + n + 1));
+    }
+    // relu that keeps NaN, as torch.relu does.
+    v0 = v0 < 0.f ? 0.f : v0;
+    v1 = v1 < 0.f ? 0.f : v1;
   }
-};
+  store_pair(a.y, static_cast<int64_t>(m) * a.gemm_n + n, n, a.gemm_n, v0, v1);
+}
 
-template <typename T>
-struct DgradEpilogue {
+// Forward (kForward) and dgrad outputs; a launch over a split tail writes fp32 partial tiles
+// instead, which tail_finish_kernel sums and stores.
+template <typename T, bool kForward>
+struct OutputEpilogue {
   template <class Math>
   __device__ __forceinline__ static void apply(const ConvArgs<T>& a, const Math& math, int m0, int n0) {
-    math.for_each_pair([&](int row, int col, float v0, float v1) {
-      const int m = m0 + row, n = n0 + col;
-      if (m >= a.gemm_m || n >= a.gemm_n) return;
-      store_pair(a.y, static_cast<int64_t>(m) * a.gemm_n + n, n, a.gemm_n, v0, v1);
-    });
+    if (a.partial != nullptr) {
+      float* tile = a.partial + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * (kBlockM * kBlockN);
+      math.for_each_pair([&](int row, int col, float v0, float v1) {
+        *reinterpret_cast<float2*>(tile + row * kBlockN + col) = make_float2(v0, v1);
+      });
+    } else {
+      math.for_each_pair(
+          [&](int row, int col, float v0, float v1) { store_output<T, kForward>(a, m0 + row, n0 + col, v0, v1); });
+    }
   }
 };
 
@@ -909,15 +926,8 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const __grid_consta
   PixelRow* row_table = reinterpret_cast<PixelRow*>(smem_raw + size_t(kStages) * Traits::kStageElems * sizeof(T));
 
   const int tid = threadIdx.x;
-  const int tile = blockIdx.x;
   int tm, tn;
-  if (args.m_fastest) {
-    tm = tile % args.m_tiles;
-    tn = tile / args.m_tiles;
-  } else {
-    tn = tile % args.n_tiles;
-    tm = tile / args.n_tiles;
-  }
+  tile_coords(args, args.tile_begin + static_cast<int>(blockIdx.x), tm, tn);
   const int m0 = tm * kBlockM, n0 = tn * kBlockN;
   const int kt_begin = blockIdx.y * args.k_tiles_per_split;
   const int kt_end = min(kt_begin + args.k_tiles_per_split, args.k_tiles);
@@ -989,6 +999,87 @@ __global__ void wgrad_reduce_kernel(const __grid_constant__ ConvArgs<T> args, in
       reinterpret_cast<typename Num<T>::Bits*>(grad_weight)[((int64_t(co) * cs.c + c) * cs.r + r) * cs.s + s] = bits;
     }
   }
+}
+
+// Sums the split partial tiles of a tail launch (tiles tile_begin ..) and stores them as the
+// output epilogue would have.
+template <typename T, bool kForward>
+__global__ void tail_finish_kernel(const __grid_constant__ ConvArgs<T> args, int tail_tiles, int splits) {
+  constexpr int kTileElems = kBlockM * kBlockN;
+  const int64_t pairs = static_cast<int64_t>(tail_tiles) * kTileElems / 2;
+  const int64_t split_stride = static_cast<int64_t>(tail_tiles) * kTileElems;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < pairs; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e = idx * 2;
+    const int local = static_cast<int>(e / kTileElems);
+    const int within = static_cast<int>(e - int64_t(local) * kTileElems);
+    int tm, tn;
+    tile_coords(args, args.tile_begin + local, tm, tn);
+    const int m = tm * kBlockM + within / kBlockN, n = tn * kBlockN + within % kBlockN;
+    if (m >= args.gemm_m || n >= args.gemm_n) continue;
+    float v0 = 0.f, v1 = 0.f;
+    for (int z = 0; z < splits; ++z) {
+      const float2 v = *reinterpret_cast<const float2*>(args.partial + z * split_stride + e);
+      v0 += v.x;
+      v1 += v.y;
+    }
+    store_output<T, kForward>(args, m, n, v0, v1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// launch planning (host)
+// ---------------------------------------------------------------------------------------------
+// Whole waves of 128 x 128 tiles keep every SM busy; a last, partial wave leaves most of them
+// idle for the time of one tile. Splitting the tail tiles' K over `splits` blocks each shortens
+// that wave at the price of a pass over an fp32 workspace and a finishing kernel. The estimate
+// uses rough H200 rates; a tail worth less than 10% of a wave is left whole.
+struct TailPlan {
+  int64_t full_tiles;  // launched with the fused epilogue
+  int64_t tail_tiles;  // launched with split K (0: none)
+  int splits;
+};
+
+inline TailPlan plan_tail(int64_t tiles, int64_t k_tiles, int bk, int blocks_per_sm, int64_t slots, double sm_flops) {
+  constexpr double kMemBytesPerS = 3.0e12, kLaunchS = 4e-6;
+  TailPlan plan{tiles, 0, 1};
+  const int64_t tail = tiles % slots;
+  if (tail == 0 || k_tiles < 4) return plan;
+  // One tile's time while blocks_per_sm blocks share an SM.
+  const double t_tile = blocks_per_sm * 2.0 * kBlockM * kBlockN * double(k_tiles) * bk / sm_flops;
+  double best = 0.9 * t_tile;
+  const int64_t max_splits = std::min<int64_t>(16, k_tiles / 2);
+  for (int64_t s = 2; s <= max_splits; ++s) {
+    const double waves = double((tail * s + slots - 1) / slots);
+    const double t = waves * t_tile / double(s) + double(tail * s) * kBlockM * kBlockN * 4.0 * 2.0 / kMemBytesPerS + kLaunchS;
+    if (t < best) {
+      best = t;
+      plan = TailPlan{tiles - tail, tail, int(s)};
+    }
+  }
+  return plan;
+}
+
+// Number of k-slices of the wgrad GEMM, whose few output tiles (C_out x R*S*C) sit over a long
+// reduction (N*P*Q): the estimated time of the slices' waves plus the pass over the fp32
+// workspace (workspace_bytes per slice, written once and read once), at least 4 k-tiles a slice.
+inline int wgrad_splits(int64_t tiles, int64_t k_tiles, int bk, int blocks_per_sm, int64_t slots, double sm_flops,
+                        int64_t workspace_bytes) {
+  constexpr double kMemBytesPerS = 3.0e12;
+  const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(256, k_tiles / 4));
+  int best = 1;
+  double best_t = 0.0;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t per_split = (k_tiles + s - 1) / s;
+    const int64_t used = (k_tiles + per_split - 1) / per_split;
+    const double waves = double((tiles * used + slots - 1) / slots);
+    const double t = waves * blocks_per_sm * 2.0 * kBlockM * kBlockN * double(per_split) * bk / sm_flops +
+                     2.0 * double(used) * double(workspace_bytes) / kMemBytesPerS;
+    if (s == 1 || t < 0.98 * best_t) {
+      best = int(used);
+      best_t = t;
+    }
+  }
+  return best;
 }
 
 }  // namespace conv_gemm

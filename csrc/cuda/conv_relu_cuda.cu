@@ -18,8 +18,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <tuple>
+#include <unordered_map>
 
 #include "checks.h"
 #include "conv_gemm.cuh"
@@ -31,15 +33,15 @@ namespace {
 using alexnet_fast::conv_gemm::ConvArgs;
 using alexnet_fast::conv_gemm::ConvShape;
 using alexnet_fast::conv_gemm::DgradALoader;
-using alexnet_fast::conv_gemm::DgradEpilogue;
 using alexnet_fast::conv_gemm::FastDivmod;
 using alexnet_fast::conv_gemm::ForwardALoader;
-using alexnet_fast::conv_gemm::ForwardEpilogue;
 using alexnet_fast::conv_gemm::GemmTraits;
 using alexnet_fast::conv_gemm::kBlockM;
 using alexnet_fast::conv_gemm::kBlockN;
 using alexnet_fast::conv_gemm::kThreads;
 using alexnet_fast::conv_gemm::MathKind;
+using alexnet_fast::conv_gemm::OutputEpilogue;
+using alexnet_fast::conv_gemm::TailPlan;
 using alexnet_fast::conv_gemm::Tile;
 using alexnet_fast::conv_gemm::WeightBLoader;
 using alexnet_fast::conv_gemm::WgradALoader;
@@ -102,6 +104,11 @@ void check_extent(int64_t v, const char* what) {
               kMaxExtent, ")");
 }
 
+void check_kernel_fits(int64_t h, int64_t w, int64_t r, int64_t s, at::IntArrayRef padding) {
+  TORCH_CHECK(h + 2 * padding[0] >= r && w + 2 * padding[1] >= s, "kernel ", r, "x", s,
+              " is larger than the padded input ", h, "x", w, " with padding (", padding[0], ", ", padding[1], ")");
+}
+
 void check_conv_params(at::IntArrayRef stride, at::IntArrayRef padding) {
   CHECK_PAIR(stride);
   CHECK_PAIR(padding);
@@ -153,7 +160,10 @@ at::Tensor nhwc_target(const at::Tensor& result) {
 // so that the kernels load whole 16-byte vectors of it.
 at::Tensor pad_rows(const at::Tensor& m, int64_t chunk) {
   const int64_t rows = m.size(0), cols = m.size(1), ld = round_up(std::max<int64_t>(cols, 1), chunk);
-  if (ld == cols) return m.contiguous();
+  if (ld == cols) {
+    at::Tensor dense = m.contiguous();
+    if (aligned16(dense)) return dense;
+  }
   at::Tensor padded = at::zeros({rows, ld}, m.options());
   padded.narrow(1, 0, cols).copy_(m);
   return padded;
@@ -188,12 +198,63 @@ auto gemm_kernel() {
   return alexnet_fast::conv_gemm::conv_gemm_kernel<T, kMath, A, B, E>;
 }
 
+// The kernel, set up once per device for its dynamic shared memory; blocks_per_sm and slots
+// (blocks resident on the whole GPU) come from the occupancy calculator.
 template <typename T, MathKind kMath, class A, class B, class E>
-void launch_gemm(const ConvArgs<T>& args, int splits, cudaStream_t stream) {
+auto prepared_kernel(int64_t& slots, int& blocks_per_sm) {
   auto kernel = gemm_kernel<T, kMath, A, B, E>();
   constexpr size_t smem = GemmTraits<T, A, B>::kSmemBytes;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  kernel<<<dim3(unsigned(args.m_tiles * args.n_tiles), unsigned(splits)), kThreads, smem, stream>>>(args);
+  static std::mutex mutex;
+  static std::unordered_map<int, int> occupancy;  // device -> resident blocks per SM
+  const int device = at::cuda::current_device();
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = occupancy.find(device);
+    if (it == occupancy.end()) {
+      int n = 0;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem));
+      it = occupancy.emplace(device, std::max(n, 1)).first;
+    }
+    blocks_per_sm = it->second;
+  }
+  slots = int64_t(blocks_per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return kernel;
+}
+
+// Tensor-core (or FMA) throughput of one SM, for launch planning only.
+template <typename T, MathKind kMath>
+constexpr double sm_flops() {
+  return kMath == MathKind::kFma ? 0.35e12 : (sizeof(T) == 4 ? 1.5e12 : 3.0e12);
+}
+
+// The forward and dgrad GEMMs: whole waves of tiles with the fused epilogue, and a short last
+// wave split along K when that is estimated to be faster (plan_tail).
+template <typename T, MathKind kMath, class A, class B, bool kForward>
+void run_output_gemm(ConvArgs<T> a, const at::TensorOptions& float_options, cudaStream_t stream) {
+  using E = OutputEpilogue<T, kForward>;
+  constexpr size_t smem = GemmTraits<T, A, B>::kSmemBytes;
+  int64_t slots = 0;
+  int blocks_per_sm = 0;
+  auto kernel = prepared_kernel<T, kMath, A, B, E>(slots, blocks_per_sm);
+  const int64_t tiles = int64_t(a.m_tiles) * a.n_tiles;
+  const TailPlan plan =
+      alexnet_fast::conv_gemm::plan_tail(tiles, a.k_tiles, Tile<T>::kBK, blocks_per_sm, slots, sm_flops<T, kMath>());
+  if (plan.full_tiles > 0) {
+    kernel<<<unsigned(plan.full_tiles), kThreads, smem, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (plan.tail_tiles == 0) return;
+  a.tile_begin = int(plan.full_tiles);
+  a.k_tiles_per_split = int(ceil_div(a.k_tiles, plan.splits));
+  const int splits = int(ceil_div(a.k_tiles, a.k_tiles_per_split));
+  at::Tensor partial = at::empty({splits, plan.tail_tiles, kBlockM * kBlockN}, float_options);
+  a.partial = partial.data_ptr<float>();
+  kernel<<<dim3(unsigned(plan.tail_tiles), unsigned(splits)), kThreads, smem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t pairs = plan.tail_tiles * kBlockM * kBlockN / 2;
+  const int blocks = int(std::min<int64_t>(ceil_div(pairs, 256), slots * 4));
+  alexnet_fast::conv_gemm::tail_finish_kernel<T, kForward><<<blocks, 256, 0, stream>>>(a, int(plan.tail_tiles), splits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -219,10 +280,9 @@ at::Tensor conv2d_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
     TORCH_CHECK(b.scalar_type() == x.scalar_type(), "bias must have the dtype of x (", x.scalar_type(), "), got ",
                 b.scalar_type());
   }
+  check_kernel_fits(h, w, r, s, padding);
   const int64_t p = conv_output_size(h, r, stride[0], padding[0]);
   const int64_t q = conv_output_size(w, s, stride[1], padding[1]);
-  TORCH_CHECK(p >= 1 && q >= 1, "weight's kernel ", r, "x", s, " is larger than the padded input ", h, "x", w,
-              " with padding (", padding[0], ", ", padding[1], ")");
   c10::cuda::CUDAGuard guard(x.device());
 
   at::Tensor result = alloc_output({n, k, p, q}, x.options(), output_memory_format(x));
@@ -246,11 +306,10 @@ at::Tensor conv2d_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
     a.weight_ld = int(wt.size(1));
     a.bias = bc.defined() ? ptr<T>(bc) : nullptr;
     a.y = mutable_ptr<T>(y);
-    using E = ForwardEpilogue<T>;
     if (c % kChunk == 0 && aligned16(xc)) {
-      launch_gemm<T, kMath, ForwardALoader<T, true>, WeightBLoader<T>, E>(a, 1, stream);
+      run_output_gemm<T, kMath, ForwardALoader<T, true>, WeightBLoader<T>, true>(a, y.options().dtype(at::kFloat), stream);
     } else {
-      launch_gemm<T, kMath, ForwardALoader<T, false>, WeightBLoader<T>, E>(a, 1, stream);
+      run_output_gemm<T, kMath, ForwardALoader<T, false>, WeightBLoader<T>, true>(a, y.options().dtype(at::kFloat), stream);
     }
   });
   if (!y.is_same(result)) result.copy_(y);
@@ -281,6 +340,7 @@ at::Tensor conv2d_relu_backward_input_cuda(const at::Tensor& grad_out, const at:
   const int64_t n = grad_out.size(0), k = grad_out.size(1), p = grad_out.size(2), q = grad_out.size(3);
   const int64_t c = weight.size(1), r = weight.size(2), s = weight.size(3);
   const int64_t h = input_hw[0], w = input_hw[1];
+  check_kernel_fits(h, w, r, s, padding);
   TORCH_CHECK(conv_output_size(h, r, stride[0], padding[0]) == p && conv_output_size(w, s, stride[1], padding[1]) == q,
               "grad_out must have the output size ", conv_output_size(h, r, stride[0], padding[0]), "x",
               conv_output_size(w, s, stride[1], padding[1]), " of input_hw ", input_hw, " with kernel ", r, "x", s,
@@ -308,11 +368,10 @@ at::Tensor conv2d_relu_backward_input_cuda(const at::Tensor& grad_out, const at:
     a.weight = ptr<T>(wd);
     a.weight_ld = int(wd.size(1));
     a.y = mutable_ptr<T>(y);
-    using E = DgradEpilogue<T>;
     if (k % kChunk == 0 && aligned16(gc) && aligned16(oc)) {
-      launch_gemm<T, kMath, DgradALoader<T, true>, WeightBLoader<T>, E>(a, 1, stream);
+      run_output_gemm<T, kMath, DgradALoader<T, true>, WeightBLoader<T>, false>(a, y.options().dtype(at::kFloat), stream);
     } else {
-      launch_gemm<T, kMath, DgradALoader<T, false>, WeightBLoader<T>, E>(a, 1, stream);
+      run_output_gemm<T, kMath, DgradALoader<T, false>, WeightBLoader<T>, false>(a, y.options().dtype(at::kFloat), stream);
     }
   });
   if (!y.is_same(result)) result.copy_(y);
@@ -323,36 +382,18 @@ at::Tensor conv2d_relu_backward_input_cuda(const at::Tensor& grad_out, const at:
 // weight and bias gradients
 // ---------------------------------------------------------------------------------------------
 
-// Number of k-slices of the wgrad GEMM: enough blocks to fill whole waves of the GPU, as few as
-// do so (every slice adds a pass over the fp32 workspace), at least 4 k-tiles per slice.
-int choose_splits(int64_t tiles, int64_t k_tiles, int64_t slots) {
-  const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(8, k_tiles / 4));
-  int best = 1;
-  double best_eff = 0.0;
-  for (int64_t s = 1; s <= max_splits; ++s) {
-    const int64_t blocks = s * tiles;
-    const double eff = double(blocks) / double(ceil_div(blocks, slots) * slots);
-    if (eff > best_eff * 1.05) {
-      best = int(s);
-      best_eff = eff;
-    }
-  }
-  return best;
-}
-
 template <typename T, MathKind kMath, bool kVec>
 void run_wgrad(ConvArgs<T>& a, const at::Tensor& grad_weight, const at::Tensor& grad_bias, cudaStream_t stream) {
   using A = WgradALoader<T, kVec>;
   using B = WgradBLoader<T, kVec>;
   using E = WgradEpilogue<T>;
-  auto kernel = gemm_kernel<T, kMath, A, B, E>();
   constexpr size_t smem = GemmTraits<T, A, B>::kSmemBytes;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t slots = 0;
+  int blocks_per_sm = 0;
+  auto kernel = prepared_kernel<T, kMath, A, B, E>(slots, blocks_per_sm);
   const int64_t tiles = int64_t(a.m_tiles) * a.n_tiles;
-  int splits = choose_splits(tiles, a.k_tiles, int64_t(std::max(per_sm, 1)) * sms);
+  int splits = alexnet_fast::conv_gemm::wgrad_splits(tiles, a.k_tiles, Tile<T>::kBK, blocks_per_sm, slots,
+                                                     sm_flops<T, kMath>(), int64_t(a.gemm_m) * a.workspace_ld * 4);
   a.k_tiles_per_split = int(ceil_div(a.k_tiles, splits));
   splits = int(ceil_div(a.k_tiles, a.k_tiles_per_split));  // no empty slices
 
@@ -364,7 +405,7 @@ void run_wgrad(ConvArgs<T>& a, const at::Tensor& grad_weight, const at::Tensor& 
 
   const int64_t total = int64_t(a.gemm_m) * a.gemm_n;
   const int threads = 256;
-  const int blocks = int(std::min<int64_t>(ceil_div(total, threads), int64_t(sms) * 8));
+  const int blocks = int(std::min<int64_t>(ceil_div(total, threads), slots * 4));
   alexnet_fast::conv_gemm::wgrad_reduce_kernel<T>
       <<<blocks, threads, 0, stream>>>(a, splits, mutable_ptr<T>(grad_weight), mutable_ptr<T>(grad_bias));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -392,6 +433,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_backward_weight_cuda(const at::Te
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t k = grad_out.size(1), p = grad_out.size(2), q = grad_out.size(3);
   const int64_t r = kernel_hw[0], s = kernel_hw[1];
+  check_kernel_fits(h, w, r, s, padding);
   TORCH_CHECK(conv_output_size(h, r, stride[0], padding[0]) == p && conv_output_size(w, s, stride[1], padding[1]) == q,
               "grad_out must have the output size ", conv_output_size(h, r, stride[0], padding[0]), "x",
               conv_output_size(w, s, stride[1], padding[1]), " of x's ", h, "x", w, " with kernel ", r, "x", s,

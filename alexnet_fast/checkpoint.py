@@ -73,7 +73,14 @@ def _read(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for damaged files: RuntimeError, EOFError, UnpicklingError...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        refused = [line for line in lines if "Unsupported global" in line]
+        if refused:
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors and plain containers, which a safe "
+                f"(weights_only) load refuses: {refused[0]}") from e
+        # weights_only errors bury the cause after a long preamble
+        reason = next((line for line in lines if line.startswith("Unsupported")), lines[0])
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (damaged, truncated, or not written by "
             f"torch.save): {reason}") from e

@@ -503,7 +503,7 @@ def _save(out, config, epoch, history, model, optimizer, scheduler, scaler, rng_
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng_states, "epoch": epoch, "config": dataclasses.asdict(config), "history": history,
-        "world_size": world, "torch_version": torch.__version__, "alexnet_fast_version": __version__,
+        "world_size": world, "torch_version": str(torch.__version__), "alexnet_fast_version": __version__,
     }
     ckpt_dir = os.path.join(out, "checkpoints")
     path = os.path.join(ckpt_dir, f"epoch_{epoch:03d}.pt")

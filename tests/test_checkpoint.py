@@ -74,6 +74,13 @@ def test_damaged_files_give_a_clear_error(tmp_path, damage):
             load(path)
 
 
+def test_pickled_objects_are_refused(tmp_path):
+    path = str(tmp_path / "objects.pt")
+    torch.save({"when": __import__("datetime").date(2020, 1, 1)}, path)
+    with pytest.raises(CheckpointError, match="safe .weights_only. load refuses"):
+        checkpoint.load_weights(path)
+
+
 def test_foreign_and_incomplete_checkpoints(tmp_path):
     foreign = str(tmp_path / "foreign.pt")
     torch.save({"epoch": 3, "weights": [1, 2]}, foreign)

@@ -314,6 +314,8 @@ __device__ __forceinline__ typename Num<T>::Bits load_bits(const T* p) {
 // store after the math of the previous stage, so register loads overlap it.
 // kKMajor: the tile holds one row per m (or n) with K contiguous; otherwise one row per k.
 // kRowTable: the loader needs kBlockM PixelRows in shared memory, filled by its constructor.
+// kRegisterStaged: fetch only loads into registers (it may run before the stage is free);
+// otherwise fetch writes the tile (cp.async, or direct stores of constant chunks).
 // ---------------------------------------------------------------------------------------------
 
 // Threads of a 16-byte-vector K-major tile: 4 chunks per 64-byte row, rows tid/4 and tid/4+64.
@@ -378,7 +380,7 @@ struct ForwardALoader;
 
 template <typename T>
 struct ForwardALoader<T, true> {
-  static constexpr bool kKMajor = true, kRowTable = false;
+  static constexpr bool kKMajor = true, kRowTable = false, kRegisterStaged = false;
   KMajorVecSlots<T> slots;
   PixelRow rows[2];
   __device__ ForwardALoader(const ConvArgs<T>& a, int m0, int tid, PixelRow*) : slots(tid) {
@@ -404,7 +406,7 @@ struct ForwardALoader<T, true> {
 
 template <typename T>
 struct ForwardALoader<T, false> {
-  static constexpr bool kKMajor = true, kRowTable = true;
+  static constexpr bool kKMajor = true, kRowTable = true, kRegisterStaged = true;
   using Bits = typename Num<T>::Bits;
   using Slots = KMajorScalarSlots<T>;
   Slots slots;
@@ -434,7 +436,7 @@ struct ForwardALoader<T, false> {
 // Forward and dgrad B: a dense [gemm_n][weight_ld] matrix (the permuted, zero-padded weight).
 template <typename T>
 struct WeightBLoader {
-  static constexpr bool kKMajor = true, kRowTable = false;
+  static constexpr bool kKMajor = true, kRowTable = false, kRegisterStaged = false;
   KMajorVecSlots<T> slots;
   int n0;
   __device__ WeightBLoader(const ConvArgs<T>&, int n0_, int tid, PixelRow*) : slots(tid), n0(n0_) {}
@@ -457,7 +459,7 @@ struct DgradALoader;
 
 template <typename T>
 struct DgradALoader<T, true> {
-  static constexpr bool kKMajor = true, kRowTable = false;
+  static constexpr bool kKMajor = true, kRowTable = false, kRegisterStaged = true;
   KMajorVecSlots<T> slots;
   PixelRow rows[2];
   uint4 g[2], o[2];
@@ -492,7 +494,7 @@ struct DgradALoader<T, true> {
 
 template <typename T>
 struct DgradALoader<T, false> {
-  static constexpr bool kKMajor = true, kRowTable = true;
+  static constexpr bool kKMajor = true, kRowTable = true, kRegisterStaged = true;
   using Bits = typename Num<T>::Bits;
   using Slots = KMajorScalarSlots<T>;
   Slots slots;
@@ -525,7 +527,7 @@ struct WgradALoader;
 
 template <typename T>
 struct WgradALoader<T, true> {
-  static constexpr bool kKMajor = false, kRowTable = false;
+  static constexpr bool kKMajor = false, kRowTable = false, kRegisterStaged = true;
   MNMajorVecSlots<T> slots;
   int co;
   uint4 g[2], o[2];
@@ -551,7 +553,7 @@ struct WgradALoader<T, true> {
 
 template <typename T>
 struct WgradALoader<T, false> {
-  static constexpr bool kKMajor = false, kRowTable = false;
+  static constexpr bool kKMajor = false, kRowTable = false, kRegisterStaged = true;
   using Bits = typename Num<T>::Bits;
   using Slots = MNMajorScalarSlots<T>;
   Slots slots;
@@ -584,7 +586,7 @@ struct WgradBLoader;
 
 template <typename T>
 struct WgradBLoader<T, true> {
-  static constexpr bool kKMajor = false, kRowTable = false;
+  static constexpr bool kKMajor = false, kRowTable = false, kRegisterStaged = false;
   using Bits = typename Num<T>::Bits;
   MNMajorVecSlots<T> slots;
   int n, r = 0, s = 0, c = 0;
@@ -612,7 +614,7 @@ struct WgradBLoader<T, true> {
 
 template <typename T>
 struct WgradBLoader<T, false> {
-  static constexpr bool kKMajor = false, kRowTable = false;
+  static constexpr bool kKMajor = false, kRowTable = false, kRegisterStaged = true;
   using Bits = typename Num<T>::Bits;
   using Slots = MNMajorScalarSlots<T>;
   Slots slots;
@@ -917,8 +919,10 @@ struct GemmTraits {
   static_assert((kATileElems * sizeof(T)) % 16 == 0 && (kStageElems * sizeof(T)) % 16 == 0, "16-byte tiles");
 };
 
+// Two blocks per SM (at most 128 registers a thread) on the tensor cores; the FMA fallback holds
+// its 64 accumulators and operands in more registers than that and runs one block per SM.
 template <typename T, MathKind kKind, class ALoader, class BLoader, class Epilogue>
-__global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const __grid_constant__ ConvArgs<T> args) {
+__global__ void __launch_bounds__(kThreads, kKind == MathKind::kFma ? 1 : 2) conv_gemm_kernel(const __grid_constant__ ConvArgs<T> args) {
   using Traits = GemmTraits<T, ALoader, BLoader>;
   using Math = typename MathFor<T, kKind, ALoader::kKMajor, BLoader::kKMajor>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -953,16 +957,22 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const __grid_consta
   }
 
   for (int i = 0; i < num_kt; ++i) {
-    cp_async_wait<kStages - 2>();
-    // Tile i has landed for every thread, and every warp is done with tile i - 1, whose stage
-    // the loads below refill.
-    __syncthreads();
     const int next = i + kStages - 1;
     const int next_stage = next % kStages;
     const bool more = next < num_kt;
+    // Register loads of tile `next` start before the barrier: their registers were stored at
+    // the end of the previous iteration.
     if (more) {
-      a_loader.fetch(args, a_tile(next_stage), kt_begin + next);
-      b_loader.fetch(args, b_tile(next_stage), kt_begin + next);
+      if constexpr (ALoader::kRegisterStaged) a_loader.fetch(args, a_tile(next_stage), kt_begin + next);
+      if constexpr (BLoader::kRegisterStaged) b_loader.fetch(args, b_tile(next_stage), kt_begin + next);
+    }
+    cp_async_wait<kStages - 2>();
+    // Tile i has landed for every thread, and every warp is done with tile i - 1, whose stage
+    // the writes below refill.
+    __syncthreads();
+    if (more) {
+      if constexpr (!ALoader::kRegisterStaged) a_loader.fetch(args, a_tile(next_stage), kt_begin + next);
+      if constexpr (!BLoader::kRegisterStaged) b_loader.fetch(args, b_tile(next_stage), kt_begin + next);
     }
     cp_async_commit();
     math.compute(a_tile(i % kStages), b_tile(i % kStages));

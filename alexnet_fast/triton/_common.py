@@ -52,9 +52,14 @@ def flattenable(t: torch.Tensor) -> torch.Tensor:
     return t if pixel_stride(t) is not None else t.contiguous()
 
 
-def acc_dtype(dtype: torch.dtype):
-    """The accumulation dtype: float64 for float64 tensors, float32 for the others."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def pow2_divisor(values, cap: int) -> int:
+    """The largest power of two up to ``cap`` that divides every value: kernels round those values
+    down to a multiple of it (a no-op) so the compiler sees the alignment and emits vector loads,
+    which Triton's own specialization only does for multiples of 16."""
+    align = cap
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    return align
 
 
 @triton.jit
@@ -97,17 +102,17 @@ def store_channels(ptr, offs, mask, chans, c_first, C, stride_c,
     """Store the tuple of W ``[BLOCK_P]`` tensors ``chans`` as channels ``c_first .. + W - 1``
     (``c_first >= 0``) of ``ptr`` at the pixel offsets ``offs``, in ``ptr``'s dtype."""
     if CHANNELS_LAST:
-        # The inverse of load_channels' split: join entries i and i + half into interleaved tiles.
+        # The inverse of load_channels' split: entries i and i + half hold the even and odd
+        # channels of the next wider tile.
         parts = ()
         for i in tl.static_range(W):
             parts = parts + (tl.reshape(chans[i], (BLOCK_P, 1)),)
         for level in tl.static_range(8):
             if (1 << level) < W:
-                # Entries i and i + half hold the even and odd channels of the next wider tile.
-                half: tl.constexpr = W >> (level + 1)
                 joined = ()
                 for i in tl.static_range(W >> (level + 1)):
-                    joined = joined + (tl.reshape(tl.join(parts[i], parts[i + half]), (BLOCK_P, 2 << level)),)
+                    joined = joined + (tl.reshape(tl.join(parts[i], parts[i + (W >> (level + 1))]),
+                                                  (BLOCK_P, 2 << level)),)
                 parts = joined
         cs = tl.arange(0, W)
         m = mask[:, None] & (c_first + cs < C)[None, :]

@@ -21,12 +21,14 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 from torch.library import triton_op, wrap_triton
 
 import alexnet_fast.autograd
 from alexnet_fast.ops import output_memory_format
+from alexnet_fast.backends import triton_interpreted
 from alexnet_fast.triton._common import (autotune_by_layout, channels_last_variant, flattenable, load_channels,
-                                         pixel_stride, store_channels)
+                                         pixel_stride, pow2_divisor, store_channels)
 from alexnet_fast.triton.pool import needs_wide_offsets, pool_outputs
 
 
@@ -50,22 +52,36 @@ def _load_with_halo(ptr, offs, mask, c0, C, stride_c, HALO: tl.constexpr, CB: tl
 
 
 @triton.jit
-def _lrn_values(xs, OFF: tl.constexpr, CB: tl.constexpr, SIZE: tl.constexpr, alpha_over_size, neg_beta, k):
+def _pow(base, exponent, FAST_POW: tl.constexpr):
+    """``base ** exponent`` for ``base > 0``. FAST_POW (float32 on the GPU) takes the hardware's
+    approximate log2 (absolute error ~2**-22, a relative error of the power below 1e-6), where
+    tl.log2 would call libdevice's exact log2f, about 20 instructions per element."""
+    if FAST_POW:
+        lg = libdevice.fast_log2f(base)
+    else:
+        lg = tl.log2(base)
+    return tl.exp2(exponent * lg)
+
+
+@triton.jit
+def _lrn_values(xs, OFF: tl.constexpr, CB: tl.constexpr, SIZE: tl.constexpr, alpha_over_size, neg_beta, k,
+                FAST_POW: tl.constexpr):
     """LRN of the channels ``xs[OFF] .. xs[OFF + CB - 1]`` (their windows lie inside ``xs``)."""
+    # (Index arithmetic stays inline: the interpreter turns assigned ints into tensors, and the
+    # compiler does not let an unrolled loop reassign a constexpr.)
     ys = ()
     for j in tl.static_range(CB):
-        first: tl.constexpr = OFF + j - SIZE // 2
-        s = xs[first] * xs[first]
+        s = xs[OFF + j - SIZE // 2] * xs[OFF + j - SIZE // 2]
         for d in tl.static_range(1, SIZE):
-            s += xs[first + d] * xs[first + d]
+            s += xs[OFF + j - SIZE // 2 + d] * xs[OFF + j - SIZE // 2 + d]
         den = k + alpha_over_size * s
-        ys = ys + (xs[OFF + j] * tl.exp2(neg_beta * tl.log2(den)),)
+        ys = ys + (xs[OFF + j] * _pow(den, neg_beta, FAST_POW),)
     return ys
 
 
 @triton.jit
 def _lrn_backward_values(xs, XOFF: tl.constexpr, gs, GOFF: tl.constexpr, CB: tl.constexpr, SIZE: tl.constexpr,
-                         alpha_over_size, neg_beta, k):
+                         alpha_over_size, neg_beta, k, FAST_POW: tl.constexpr):
     """dx of the channels at ``xs[XOFF] .. xs[XOFF + CB - 1]`` from x and the output gradient
     (``gs[GOFF + j]`` is the channel of ``xs[XOFF + j]``)."""
     LO: tl.constexpr = SIZE // 2
@@ -75,15 +91,14 @@ def _lrn_backward_values(xs, XOFF: tl.constexpr, gs, GOFF: tl.constexpr, CB: tl.
     dens = ()
     ts = ()
     for t in tl.static_range(CB + SIZE - 1):
-        xi: tl.constexpr = XOFF + t - HI
-        s = xs[xi - LO] * xs[xi - LO]
+        s = xs[XOFF + t - HI - LO] * xs[XOFF + t - HI - LO]
         for d in tl.static_range(1, SIZE):
-            s += xs[xi - LO + d] * xs[xi - LO + d]
+            s += xs[XOFF + t - HI - LO + d] * xs[XOFF + t - HI - LO + d]
         den = k + alpha_over_size * s
-        gp = gs[GOFF + t - HI] * tl.exp2((neg_beta - 1.0) * tl.log2(den))
+        gp = gs[GOFF + t - HI] * _pow(den, neg_beta - 1.0, FAST_POW)
         gps = gps + (gp,)
         dens = dens + (den,)
-        ts = ts + (gp * xs[xi],)
+        ts = ts + (gp * xs[XOFF + t - HI],)
     coef = 2.0 * alpha_over_size * neg_beta
     dxs = ()
     for j in tl.static_range(CB):
@@ -107,15 +122,21 @@ def _program_block(C, HW, CB: tl.constexpr, BLOCK_P: tl.constexpr):
 
 @triton.jit
 def _lrn_forward_kernel(x_ptr, out_ptr, C, HW, x_sn, x_sc, x_sp, o_sn, o_sc, o_sp, alpha_over_size, neg_beta, k,
-                        SIZE: tl.constexpr, HALO: tl.constexpr, BLOCK_P: tl.constexpr, CB: tl.constexpr,
-                        CHANNELS_LAST: tl.constexpr):
+                        SIZE: tl.constexpr, HALO: tl.constexpr, FAST_POW: tl.constexpr, ALIGN: tl.constexpr,
+                        BLOCK_P: tl.constexpr, CB: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    # Show the compiler what ALIGN divides (see _common.pow2_divisor): vector loads along pixels.
+    HW = HW // ALIGN * ALIGN
+    x_sn = x_sn // ALIGN * ALIGN
+    x_sc = x_sc // ALIGN * ALIGN
+    o_sn = o_sn // ALIGN * ALIGN
+    o_sc = o_sc // ALIGN * ALIGN
     n, c0, p0 = _program_block(C, HW, CB, BLOCK_P)
     p = tl.arange(0, BLOCK_P)
     mask = p0 + p < HW
     x = x_ptr + n.to(tl.int64) * x_sn + p0.to(tl.int64) * x_sp
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     xs = _load_with_halo(x, p * x_sp, mask, c0, C, x_sc, HALO, CB, BLOCK_P, CHANNELS_LAST, ACC)
-    ys = _lrn_values(xs, HALO, CB, SIZE, alpha_over_size, neg_beta, k)
+    ys = _lrn_values(xs, HALO, CB, SIZE, alpha_over_size, neg_beta, k, FAST_POW)
     out = out_ptr + n.to(tl.int64) * o_sn + p0.to(tl.int64) * o_sp
     store_channels(out, p * o_sp, mask, ys, c0, C, o_sc, CB, BLOCK_P, CHANNELS_LAST)
 
@@ -123,8 +144,15 @@ def _lrn_forward_kernel(x_ptr, out_ptr, C, HW, x_sn, x_sc, x_sp, o_sn, o_sc, o_s
 @triton.jit
 def _lrn_backward_kernel(g_ptr, x_ptr, dx_ptr, C, HW, g_sn, g_sc, g_sp, x_sn, x_sc, x_sp, d_sn, d_sc, d_sp,
                          alpha_over_size, neg_beta, k, SIZE: tl.constexpr, GHALO: tl.constexpr,
-                         XHALO: tl.constexpr, BLOCK_P: tl.constexpr, CB: tl.constexpr,
-                         CHANNELS_LAST: tl.constexpr):
+                         XHALO: tl.constexpr, FAST_POW: tl.constexpr, ALIGN: tl.constexpr, BLOCK_P: tl.constexpr,
+                         CB: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    HW = HW // ALIGN * ALIGN
+    g_sn = g_sn // ALIGN * ALIGN
+    g_sc = g_sc // ALIGN * ALIGN
+    x_sn = x_sn // ALIGN * ALIGN
+    x_sc = x_sc // ALIGN * ALIGN
+    d_sn = d_sn // ALIGN * ALIGN
+    d_sc = d_sc // ALIGN * ALIGN
     n, c0, p0 = _program_block(C, HW, CB, BLOCK_P)
     p = tl.arange(0, BLOCK_P)
     mask = p0 + p < HW
@@ -133,7 +161,7 @@ def _lrn_backward_kernel(g_ptr, x_ptr, dx_ptr, C, HW, g_sn, g_sc, g_sp, x_sn, x_
     g = g_ptr + n.to(tl.int64) * g_sn + p0.to(tl.int64) * g_sp
     xs = _load_with_halo(x, p * x_sp, mask, c0, C, x_sc, XHALO, CB, BLOCK_P, CHANNELS_LAST, ACC)
     gs = _load_with_halo(g, p * g_sp, mask, c0, C, g_sc, GHALO, CB, BLOCK_P, CHANNELS_LAST, ACC)
-    dxs = _lrn_backward_values(xs, XHALO, gs, GHALO, CB, SIZE, alpha_over_size, neg_beta, k)
+    dxs = _lrn_backward_values(xs, XHALO, gs, GHALO, CB, SIZE, alpha_over_size, neg_beta, k, FAST_POW)
     dx = dx_ptr + n.to(tl.int64) * d_sn + p0.to(tl.int64) * d_sp
     store_channels(dx, p * d_sp, mask, dxs, c0, C, d_sc, CB, BLOCK_P, CHANNELS_LAST)
 
@@ -143,7 +171,7 @@ def _lrn_backward_kernel(g_ptr, x_ptr, dx_ptr, C, HW, g_sn, g_sc, g_sp, x_sn, x_
 @triton.jit
 def _lrn_max_pool_forward_kernel(x_ptr, out_ptr, idx_ptr, C, OH, OW, x_sn, x_sc, x_sh, x_sw, o_sn, o_sc, o_sh, o_sw,
                                  alpha_over_size, neg_beta, k, SIZE: tl.constexpr, HALO: tl.constexpr,
-                                 KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                                 FAST_POW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                                  WIDE: tl.constexpr, BLOCK_P: tl.constexpr, CB: tl.constexpr,
                                  CHANNELS_LAST: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -162,17 +190,18 @@ def _lrn_max_pool_forward_kernel(x_ptr, out_ptr, idx_ptr, C, OH, OW, x_sn, x_sc,
         for kw in tl.static_range(KW):
             offs = (oh * SH + kh) * x_sh + (ow * SW + kw) * x_sw
             xs = _load_with_halo(x, offs, mask, c0, C, x_sc, HALO, CB, BLOCK_P, CHANNELS_LAST, ACC)
-            ys = _lrn_values(xs, HALO, CB, SIZE, alpha_over_size, neg_beta, k)
-            # Compare in the output dtype, as max_pool2d(lrn(x)) sees the values: ties stay ties.
+            ys = _lrn_values(xs, HALO, CB, SIZE, alpha_over_size, neg_beta, k, FAST_POW)
+            # Compare the values rounded to the output dtype, as max_pool2d(lrn(x)) sees them, so
+            # ties stay ties (in ACC: the interpreter compares bfloat16 values by their bits).
             if kh + kw == 0:
                 for j in tl.static_range(CB):
-                    best = best + (ys[j].to(OUT),)
+                    best = best + (ys[j].to(OUT).to(ACC),)
                     best_k = best_k + (tl.zeros((BLOCK_P,), tl.int32),)
             else:
                 new_best = ()
                 new_k = ()
                 for j in tl.static_range(CB):
-                    v = ys[j].to(OUT)
+                    v = ys[j].to(OUT).to(ACC)
                     take = (v > best[j]) | (v != v)
                     new_best = new_best + (tl.where(take, v, best[j]),)
                     new_k = new_k + (tl.where(take, kh * KW + kw, best_k[j]),)
@@ -189,7 +218,7 @@ def _lrn_max_pool_backward_kernel(g_ptr, x_ptr, idx_ptr, dx_ptr, C, H, W, OH, OW
                                   g_sn, g_sc, g_sh, g_sw, x_sn, x_sc, x_sh, x_sw, i_sn, i_sc, i_sh, i_sw,
                                   d_sn, d_sc, d_sh, d_sw, alpha_over_size, neg_beta, k,
                                   SIZE: tl.constexpr, GHALO: tl.constexpr, XHALO: tl.constexpr,
-                                  KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                                  FAST_POW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                                   WIDE: tl.constexpr, BLOCK_P: tl.constexpr, CB: tl.constexpr,
                                   CHANNELS_LAST: tl.constexpr):
     """Input cells of SH x SW pixels as in pool.py's backward; the pixel at (a, b) of a cell takes
@@ -218,10 +247,9 @@ def _lrn_max_pool_backward_kernel(g_ptr, x_ptr, idx_ptr, dx_ptr, C, H, W, OH, OW
                 dys = dys + (tl.zeros((BLOCK_P,), ACC),)
             for t in tl.static_range(TM):
                 for u in tl.static_range(UM):
-                    kh: tl.constexpr = a + t * SH
-                    kw: tl.constexpr = b + u * SW
-                    if kh < KH:
-                        if kw < KW:
+                    # The pixel's offset (a + t*SH, b + u*SW) in that window, if the window covers it.
+                    if a + t * SH < KH:
+                        if b + u * SW < KW:
                             oh = cy - t
                             ow = cx - u
                             wm = pm & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
@@ -231,10 +259,11 @@ def _lrn_max_pool_backward_kernel(g_ptr, x_ptr, idx_ptr, dx_ptr, C, H, W, OH, OW
                                                  CHANNELS_LAST, ACC)
                             summed = ()
                             for i in tl.static_range(CB + 2 * GHALO):
-                                summed = summed + (dys[i] + tl.where(ks[i] == kh * KW + kw, gs[i], 0),)
+                                hit = ks[i] == (a + t * SH) * KW + b + u * SW
+                                summed = summed + (dys[i] + tl.where(hit, gs[i], 0),)
                             dys = summed
             xs = _load_with_halo(x, ih * x_sh + iw * x_sw, pm, c0, C, x_sc, XHALO, CB, BLOCK_P, CHANNELS_LAST, ACC)
-            dxs = _lrn_backward_values(xs, XHALO, dys, GHALO, CB, SIZE, alpha_over_size, neg_beta, k)
+            dxs = _lrn_backward_values(xs, XHALO, dys, GHALO, CB, SIZE, alpha_over_size, neg_beta, k, FAST_POW)
             store_channels(dx, ih * d_sh + iw * d_sw, pm, dxs, c0, C, d_sc, CB, BLOCK_P, CHANNELS_LAST)
 
 
@@ -242,44 +271,60 @@ def _P(kwargs, channels_last, num_warps=4):
     return triton.Config({**kwargs, "CHANNELS_LAST": channels_last}, num_warps=num_warps)
 
 
+# Tile shapes (BLOCK_P, CB, num_warps), from the instruction counts of the sm_90 code: the pixel
+# variant wants 4-8 pixels per thread (vector loads); the channel variant one pixel per thread
+# (BLOCK_P = 32 * num_warps, no replicated lanes) and wide channel blocks (fewer halo loads and
+# shuffles per output); the fused kernels recompute the LRN per window element, so small blocks
+# keep them in registers.
 _LRN_FORWARD = autotune_by_layout(
     _lrn_forward_kernel, ["C", "HW", "SIZE"],
     pixel_configs=[_P({"BLOCK_P": p, "CB": cb}, False, w)
-                   for p, w in ((256, 2), (512, 4), (1024, 4), (1024, 8)) for cb in (8, 16)],
+                   for p, cb, w in ((512, 8, 4), (1024, 8, 4), (1024, 8, 8), (512, 16, 4), (1024, 16, 8), (256, 16, 2))],
     channel_configs=[_P({"BLOCK_P": p, "CB": cb}, True, w)
-                     for p, cb, w in ((32, 16, 2), (64, 16, 4), (128, 16, 4), (32, 32, 4), (64, 32, 4), (128, 32, 8))],
+                     for p, cb, w in ((64, 32, 2), (128, 32, 4), (128, 16, 4), (256, 16, 8), (32, 64, 1), (64, 64, 2))],
     interpreter_configs=(_P({"BLOCK_P": 16, "CB": 4}, False), _P({"BLOCK_P": 8, "CB": 4}, True)),
 )
 _LRN_BACKWARD = autotune_by_layout(
     _lrn_backward_kernel, ["C", "HW", "SIZE"],
     pixel_configs=[_P({"BLOCK_P": p, "CB": cb}, False, w)
-                   for p, w in ((128, 1), (256, 2), (512, 4), (512, 8)) for cb in (8, 16)],
+                   for p, cb, w in ((256, 8, 2), (512, 8, 4), (512, 8, 2), (256, 16, 4), (128, 8, 1))],
     channel_configs=[_P({"BLOCK_P": p, "CB": cb}, True, w)
-                     for p, cb, w in ((32, 16, 2), (64, 16, 4), (128, 16, 4), (32, 32, 4), (64, 32, 8))],
+                     for p, cb, w in ((64, 32, 2), (128, 32, 4), (128, 16, 4), (32, 64, 1), (64, 16, 2))],
     interpreter_configs=(_P({"BLOCK_P": 16, "CB": 4}, False), _P({"BLOCK_P": 8, "CB": 4}, True)),
 )
-
 _FUSED_FORWARD = autotune_by_layout(
     _lrn_max_pool_forward_kernel, ["C", "OH", "OW", "SIZE", "KH", "KW", "SH", "SW"],
     pixel_configs=[_P({"BLOCK_P": p, "CB": cb}, False, w)
-                   for p, w in ((128, 1), (256, 2), (512, 4)) for cb in (4, 8, 16)],
+                   for p, cb, w in ((128, 4, 4), (128, 8, 4), (64, 8, 2), (256, 4, 8), (32, 8, 1))],
     channel_configs=[_P({"BLOCK_P": p, "CB": cb}, True, w)
-                     for p, cb, w in ((16, 16, 2), (32, 16, 2), (64, 16, 4), (32, 32, 4), (64, 32, 8))],
+                     for p, cb, w in ((32, 8, 1), (64, 8, 2), (128, 8, 4), (32, 16, 1))],
     interpreter_configs=(_P({"BLOCK_P": 16, "CB": 4}, False), _P({"BLOCK_P": 8, "CB": 4}, True)),
 )
 _FUSED_BACKWARD = autotune_by_layout(
     _lrn_max_pool_backward_kernel, ["C", "H", "W", "SIZE", "KH", "KW", "SH", "SW"],
     pixel_configs=[_P({"BLOCK_P": p, "CB": cb}, False, w)
-                   for p, w in ((128, 1), (256, 2), (256, 4)) for cb in (4, 8, 16)],
+                   for p, cb, w in ((128, 4, 4), (64, 4, 2), (32, 8, 1), (128, 8, 4))],
     channel_configs=[_P({"BLOCK_P": p, "CB": cb}, True, w)
-                     for p, cb, w in ((16, 16, 2), (32, 16, 2), (64, 16, 4), (32, 32, 4))],
+                     for p, cb, w in ((32, 8, 1), (64, 8, 2), (32, 16, 1))],
     interpreter_configs=(_P({"BLOCK_P": 16, "CB": 4}, False), _P({"BLOCK_P": 8, "CB": 4}, True)),
 )
-
 
 def _nchw_strides(t: Tensor) -> tuple[int, int, int]:
     """(batch, channel, flattened pixel) strides of a tensor that ``flattenable`` accepted."""
     return t.stride(0), t.stride(1), pixel_stride(t)
+
+
+def _fast_pow(x: Tensor) -> bool:
+    """The hardware log2 for float32 math on the GPU (the interpreter has no libdevice)."""
+    return x.dtype != torch.float64 and not triton_interpreted()
+
+
+def _align(*tensors: Tensor) -> int:
+    """A power of two dividing the pixel count and the batch and channel strides of every tensor
+    (the pixel variant's vector width; 1 for channels_last tensors, whose channel stride is 1)."""
+    t = tensors[0]
+    values = [t.shape[2] * t.shape[3]] + [v for u in tensors for v in (u.stride(0), u.stride(1))]
+    return pow2_divisor(values, 16 // t.element_size())
 
 
 def _grid(n: int, c: int, hw: int):
@@ -297,7 +342,7 @@ def lrn(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
     halo, _ = _halos(size)
     wrap_triton(_LRN_FORWARD[channels_last_variant(x)])[_grid(n, c, h * w)](
         x, out, c, h * w, *_nchw_strides(x), *_nchw_strides(out), alpha / size, -beta, k,
-        SIZE=size, HALO=halo)
+        SIZE=size, HALO=halo, FAST_POW=_fast_pow(x), ALIGN=_align(x, out))
     return out
 
 
@@ -312,7 +357,8 @@ def lrn_backward(grad_out: Tensor, x: Tensor, size: int, alpha: float, beta: flo
     ghalo, xhalo = _halos(size)
     wrap_triton(_LRN_BACKWARD[channels_last_variant(x)])[_grid(n, c, h * w)](
         grad_out, x, dx, c, h * w, *_nchw_strides(grad_out), *_nchw_strides(x), *_nchw_strides(dx),
-        alpha / size, -beta, k, SIZE=size, GHALO=ghalo, XHALO=xhalo)
+        alpha / size, -beta, k, SIZE=size, GHALO=ghalo, XHALO=xhalo, FAST_POW=_fast_pow(x),
+        ALIGN=_align(grad_out, x, dx))
     return dx
 
 
@@ -329,7 +375,7 @@ def lrn_max_pool2d(x: Tensor, size: int, alpha: float, beta: float, k: float, ke
     halo, _ = _halos(size)
     wrap_triton(_FUSED_FORWARD[channels_last_variant(x)])[_grid(n, c, oh * ow)](
         x, out, idx, c, oh, ow, *x.stride(), *out.stride(), alpha / size, -beta, k, SIZE=size, HALO=halo,
-        KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1], WIDE=needs_wide_offsets(x, out))
+        FAST_POW=_fast_pow(x), KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1], WIDE=needs_wide_offsets(x, out))
     return out, idx
 
 
@@ -348,7 +394,7 @@ def lrn_max_pool2d_backward(grad_out: Tensor, x: Tensor, indices: Tensor, size: 
     ghalo, xhalo = _halos(size)
     wrap_triton(_FUSED_BACKWARD[channels_last_variant(x)])[_grid(n, c, ncy * ncx)](
         grad_out, x, indices, dx, c, h, w, oh, ow, ncy, ncx, *grad_out.stride(), *x.stride(), *indices.stride(),
-        *dx.stride(), alpha / size, -beta, k, SIZE=size, GHALO=ghalo, XHALO=xhalo, KH=kh, KW=kw, SH=sh, SW=sw,
+        *dx.stride(), alpha / size, -beta, k, SIZE=size, GHALO=ghalo, XHALO=xhalo, FAST_POW=_fast_pow(x), KH=kh, KW=kw, SH=sh, SW=sw,
         WIDE=needs_wide_offsets(x, grad_out))
     return dx
 

@@ -58,16 +58,19 @@ def _max_pool_forward_kernel(x_ptr, out_ptr, idx_ptr, C, H, W, OH, OW,
     ow = q % OW
     ih0 = oh * SH - PH
     iw0 = ow * SW - PW
+    # Compare in float32 (float64 for float64): exact for every input dtype, and the interpreter
+    # compares bfloat16 values by their bits.
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     x = x_ptr + n.to(tl.int64) * x_sn + (c * x_sc)[:, None]
     # Start from the first element inside the input (the top-left one unless padding is involved),
     # so a window of -inf still reports an element of the input.
     if BOUNDS:
         kh0 = tl.maximum(-ih0, 0)
         kw0 = tl.maximum(-iw0, 0)
-        best = tl.load(x + ((ih0 + kh0) * x_sh + (iw0 + kw0) * x_sw)[None, :], mask=mask, other=0)
+        best = tl.load(x + ((ih0 + kh0) * x_sh + (iw0 + kw0) * x_sw)[None, :], mask=mask, other=0).to(ACC)
         best_k = tl.broadcast_to((kh0 * KW + kw0)[None, :], (BLOCK_C, BLOCK_Q)).to(tl.int32)
     else:
-        best = tl.load(x + (ih0 * x_sh + iw0 * x_sw)[None, :], mask=mask, other=0)
+        best = tl.load(x + (ih0 * x_sh + iw0 * x_sw)[None, :], mask=mask, other=0).to(ACC)
         best_k = tl.zeros((BLOCK_C, BLOCK_Q), tl.int32)
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
@@ -77,12 +80,12 @@ def _max_pool_forward_kernel(x_ptr, out_ptr, idx_ptr, C, H, W, OH, OW,
                 m = mask
                 if BOUNDS:
                     m = m & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[None, :]
-                v = tl.load(x + (ih * x_sh + iw * x_sw)[None, :], mask=m, other=0)
+                v = tl.load(x + (ih * x_sh + iw * x_sw)[None, :], mask=m, other=0).to(ACC)
                 take = m & ((v > best) | (v != v))
                 best = tl.where(take, v, best)
                 best_k = tl.where(take, kh * KW + kw, best_k)
     o = n.to(tl.int64) * o_sn + (c * o_sc)[:, None] + (oh * o_sh + ow * o_sw)[None, :]
-    tl.store(out_ptr + o, best, mask=mask)
+    tl.store(out_ptr + o, best.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(idx_ptr + o, best_k.to(tl.uint8), mask=mask)
 
 
@@ -120,12 +123,12 @@ def _max_pool_backward_kernel(g_ptr, idx_ptr, dx_ptr, C, H, W, OH, OW, NCY, NCX,
             acc = tl.zeros((BLOCK_C, BLOCK_Q), ACC)
             for t in tl.static_range(TM):
                 for u in tl.static_range(UM):
-                    # The pixel's offset in the window t rows and u columns of windows up-left.
-                    kh: tl.constexpr = a + t * SH
-                    kw: tl.constexpr = b + u * SW
-                    if kh < KH:
-                        if kw < KW:
-                            acc += tl.where(ks[t * UM + u] == kh * KW + kw, gs[t * UM + u], 0)
+                    # The pixel's offset (a + t*SH, b + u*SW) in the window t rows and u columns of
+                    # windows up-left, if that window covers it.
+                    if a + t * SH < KH:
+                        if b + u * SW < KW:
+                            hit = ks[t * UM + u] == (a + t * SH) * KW + b + u * SW
+                            acc += tl.where(hit, gs[t * UM + u], 0)
             ih = cy * SH + a - PH
             iw = cx * SW + b - PW
             m = cmask & (qmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[None, :]

@@ -8,10 +8,6 @@ import alexnet_fast  # noqa: F401  (registers fake kernels and autograd)
 from alexnet_fast import ops
 
 
-def ops.kernels(backend):
-    return ops.kernels(backend)._ops
-
-
 def _samples(device, layout):
     x = random_input((2, 6, 9, 9), torch.float32, device, layout, relu=True).requires_grad_()
     w = random_input((5, 6, 3, 3), torch.float32, device).requires_grad_()

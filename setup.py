@@ -54,7 +54,7 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc_flags = ["-O0", "-g", "-lineinfo"] if debug else ["-O3", "-lineinfo"]
-        nvcc_flags += ["--expt-relaxed-constexpr", "-std=c++17"]
+        nvcc_flags += ["--expt-relaxed-constexpr"]  # the C++ standard is torch's choice (C++20 for torch >= 2.10)
         kwargs["include_dirs"] += _cuda_wheel_include_dirs()
         # Passed as one preprocessor number (ops.cpp stringifies it): quotes do not survive ninja.
         archs = "_".join(os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", " ").replace("+PTX", "").split())

@@ -20,8 +20,8 @@
   TORCH_CHECK((x).device() == (y).device(), #y " must be on the device of " #x " (", (x).device(), \
               "), got ", (y).device())
 
-#define CHECK_DEVICE_TYPE(x, type) \
-  TORCH_CHECK((x).device().type() == (type), #x " must be a ", (type), " tensor, got ", (x).device())
+#define CHECK_DEVICE_TYPE(x, device_type) \
+  TORCH_CHECK((x).device().type() == (device_type), #x " must be a ", (device_type), " tensor, got ", (x).device())
 
 #define CHECK_POSITIVE(v) TORCH_CHECK((v) > 0, #v " must be positive, got ", (v))
 

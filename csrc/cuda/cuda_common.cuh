@@ -116,9 +116,21 @@ LrnParams<A> make_lrn_params(int64_t size, double alpha, double beta, double k) 
   return p;
 }
 
-__device__ __forceinline__ float pow2(float v) { return exp2f(v); }
+// In float32 the special-function unit's approximations (relative error about 2^-22, so d^-beta
+// stays within a few 1e-7 for any denominator below ~2^40): the accurate log2f is a polynomial of
+// some 25 instructions, more than a bf16 LRN element's whole instruction budget at HBM speed.
+// Flushing subnormals is harmless: d >= k > 0, and d^-beta below 2^-126 rounds the output to 0.
+__device__ __forceinline__ float pow2(float v) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+__device__ __forceinline__ float log_2(float v) {
+  float r;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
 __device__ __forceinline__ double pow2(double v) { return exp2(v); }
-__device__ __forceinline__ float log_2(float v) { return log2f(v); }
 __device__ __forceinline__ double log_2(double v) { return log2(v); }
 
 inline void check_lrn_params(int64_t size, double beta, double k) {
@@ -145,23 +157,30 @@ __device__ __forceinline__ void lrn_grad_terms(A sumsq, A x, A g, const LrnParam
   t = p.grad_coef == A(0) ? A(0) : p.grad_coef * g * x * pow2(p.neg_beta1 * l);
 }
 
+// Sum of squares of the last SIZE channels at position p of a window of x values.
+template <int SIZE, int NPIX>
+__device__ __forceinline__ float sum_of_squares(const float (&xs)[SIZE][NPIX], int p) {
+  float s = xs[0][p] * xs[0][p];
+#pragma unroll
+  for (int k = 1; k < SIZE; ++k) s = fmaf(xs[k][p], xs[k][p], s);
+  return s;
+}
+
 // The LRN of a stream of channels at NPIX independent positions (pixels, or the elements of a
-// vector of pixels), one channel per push: the squares of the last SIZE channels stay in
-// registers, so each input is read once. After push(x_j), out(p) is the LRN output of channel
-// j - kAfter at position p.
+// vector of pixels), one channel per push: x of the last SIZE channels stays in registers, so each
+// input is read once. (The squares are recomputed from it: one instruction more per element than
+// keeping them, SIZE registers fewer per position.) After push(x_j), out(p) is the LRN output of
+// channel j - kAfter at position p.
 template <int SIZE, int NPIX>
 struct LrnForwardWindow {
   static constexpr int kBefore = SIZE / 2, kAfter = (SIZE - 1) / 2;
-  float sq[SIZE][NPIX];          // squares of channels j - SIZE + 1 .. j
-  float xs[kAfter + 1][NPIX];    // x of channels j - kAfter .. j
+  float xs[SIZE][NPIX];  // x of channels j - SIZE + 1 .. j
 
   __device__ __forceinline__ void reset() {
 #pragma unroll
     for (int p = 0; p < NPIX; ++p) {
 #pragma unroll
-      for (int k = 0; k < SIZE; ++k) sq[k][p] = 0.f;
-#pragma unroll
-      for (int k = 0; k <= kAfter; ++k) xs[k][p] = 0.f;
+      for (int k = 0; k < SIZE; ++k) xs[k][p] = 0.f;
     }
   }
 
@@ -169,32 +188,25 @@ struct LrnForwardWindow {
 #pragma unroll
     for (int p = 0; p < NPIX; ++p) {
 #pragma unroll
-      for (int k = 0; k + 1 < SIZE; ++k) sq[k][p] = sq[k + 1][p];
-      sq[SIZE - 1][p] = xj[p] * xj[p];
-#pragma unroll
-      for (int k = 0; k < kAfter; ++k) xs[k][p] = xs[k + 1][p];
-      xs[kAfter][p] = xj[p];
+      for (int k = 0; k + 1 < SIZE; ++k) xs[k][p] = xs[k + 1][p];
+      xs[SIZE - 1][p] = xj[p];
     }
   }
 
   __device__ __forceinline__ float out(int p, const LrnParams<float>& prm) const {
-    float s = sq[0][p];
-#pragma unroll
-    for (int k = 1; k < SIZE; ++k) s += sq[k][p];
-    return xs[0][p] * lrn_factor(s, prm);
+    return xs[kBefore][p] * lrn_factor(sum_of_squares(xs, p), prm);
   }
 };
 
 // The LRN gradient along a stream of channels at NPIX positions. Per stream step j: push_x(x_j),
-// then push_grad(g_c) with the output gradient of channel c = j - kAfter (whose window of squares
-// is complete), after which dx(p) is the input gradient of channel j - SIZE + 1 (whose terms t of
+// then push_grad(g_c) with the output gradient of channel c = j - kAfter (whose window is
+// complete), after which dx(p) is the input gradient of channel i = j - SIZE + 1 (whose terms t of
 // channels [i - kAfter, i + kBefore] are complete). The stream must start SIZE - 1 channels before
 // the first dx wanted.
 template <int SIZE, int NPIX>
 struct LrnBackwardWindow {
   static constexpr int kBefore = SIZE / 2, kAfter = (SIZE - 1) / 2;
-  float sq[SIZE][NPIX];         // squares of channels j - SIZE + 1 .. j
-  float xs[SIZE][NPIX];         // x of the same channels
+  float xs[SIZE][NPIX];         // x of channels j - SIZE + 1 .. j
   float t[SIZE][NPIX];          // terms t of channels c - SIZE + 1 .. c
   float gf[kBefore + 1][NPIX];  // g * d^-beta of channels c - kBefore .. c
 
@@ -202,7 +214,7 @@ struct LrnBackwardWindow {
 #pragma unroll
     for (int p = 0; p < NPIX; ++p) {
 #pragma unroll
-      for (int k = 0; k < SIZE; ++k) sq[k][p] = xs[k][p] = t[k][p] = 0.f;
+      for (int k = 0; k < SIZE; ++k) xs[k][p] = t[k][p] = 0.f;
 #pragma unroll
       for (int k = 0; k <= kBefore; ++k) gf[k][p] = 0.f;
     }
@@ -212,11 +224,7 @@ struct LrnBackwardWindow {
 #pragma unroll
     for (int p = 0; p < NPIX; ++p) {
 #pragma unroll
-      for (int k = 0; k + 1 < SIZE; ++k) {
-        sq[k][p] = sq[k + 1][p];
-        xs[k][p] = xs[k + 1][p];
-      }
-      sq[SIZE - 1][p] = xj[p] * xj[p];
+      for (int k = 0; k + 1 < SIZE; ++k) xs[k][p] = xs[k + 1][p];
       xs[SIZE - 1][p] = xj[p];
     }
   }
@@ -225,11 +233,8 @@ struct LrnBackwardWindow {
   __device__ __forceinline__ void push_grad(const float (&gc)[NPIX], bool valid, const LrnParams<float>& prm) {
 #pragma unroll
     for (int p = 0; p < NPIX; ++p) {
-      float s = sq[0][p];
-#pragma unroll
-      for (int k = 1; k < SIZE; ++k) s += sq[k][p];
       float g_factor, term;
-      lrn_grad_terms(s, xs[kBefore][p], gc[p], prm, g_factor, term);
+      lrn_grad_terms(sum_of_squares(xs, p), xs[kBefore][p], gc[p], prm, g_factor, term);
 #pragma unroll
       for (int k = 0; k + 1 < SIZE; ++k) t[k][p] = t[k + 1][p];
       t[SIZE - 1][p] = valid ? term : 0.f;

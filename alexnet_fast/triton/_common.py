@@ -1,5 +1,5 @@
-"""Pieces shared by the LRN and max-pool kernels: autotuning per layout, the flattened pixel
-stride, and per-channel loads and stores.
+"""Pieces shared by the LRN and max-pool kernels: op registration, autotuning per layout, dense
+layouts, and per-channel loads and stores.
 
 The LRN window runs across channels, so the LRN kernels hold one ``[BLOCK_P]`` tensor of pixels
 per channel (a tuple built at trace time) and form each window sum from neighbouring tuple
@@ -10,11 +10,49 @@ and split into per-channel tensors; contiguous (NCHW) tensors are loaded channel
 """
 from __future__ import annotations
 
+import contextvars
+
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from alexnet_fast.backends import triton_interpreted
+
+_shapes_only = contextvars.ContextVar("alexnet_fast_triton_shapes_only", default=False)
+
+
+def define_op(name: str, schema: str):
+    """Register the decorated host function as the op ``name``: a ``triton_op`` (torch.compile
+    sees its kernels), or under ``TRITON_INTERPRET=1`` an opaque ``custom_op``, because triton_op
+    runs the function on fake tensors for shapes and the interpreter cannot launch on those; there
+    the function serves as the fake kernel too, returning before its launches (``nothing_to_run``)."""
+    def decorate(fn):
+        if not triton_interpreted():
+            return triton_op(name, mutates_args=(), schema=schema)(fn)
+        op = torch.library.custom_op(name, fn, mutates_args=(), schema=schema)
+
+        @op.register_fake
+        def _(*args):
+            token = _shapes_only.set(True)
+            try:
+                return fn(*args)
+            finally:
+                _shapes_only.reset(token)
+
+        return op
+
+    return decorate
+
+
+def nothing_to_run(out: torch.Tensor) -> bool:
+    """Whether an op whose output is ``out`` returns without a launch: an empty output, or a fake
+    kernel run under the interpreter (see ``define_op``)."""
+    return out.numel() == 0 or _shapes_only.get()
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def autotune_by_layout(kernel, key, pixel_configs, channel_configs, interpreter_configs):
@@ -31,25 +69,24 @@ def autotune_by_layout(kernel, key, pixel_configs, channel_configs, interpreter_
 
 
 def channels_last_variant(t: torch.Tensor) -> bool:
-    """Whether the channel-contiguous kernel variant suits ``t`` (N, C, H, W)."""
-    return t.stride(1) == 1 and t.shape[1] > 1
+    """Whether the channel-contiguous kernel variant suits ``t`` (N, C, H, W). Decided by
+    ``is_contiguous`` rather than by comparing strides, which stays clear of guards on symbolic
+    shapes under torch.compile."""
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def pixel_stride(t: torch.Tensor) -> int | None:
-    """The stride of the flattened pixel index ``h * W + w`` of an (N, C, H, W) tensor, or None
-    when ``h`` and ``w`` do not flatten into one stride."""
-    _, _, h, w = t.shape
-    if w == 1:
-        return t.stride(2)
-    if h == 1 or t.stride(2) == w * t.stride(3):
-        return t.stride(3)
-    return None
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if it is contiguous or channels_last (read in place, no copy), else a contiguous copy."""
+    return t if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) else t.contiguous()
 
 
-def flattenable(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its pixels flatten into one stride (contiguous, channels_last, or a
-    channel slice of either: no copy), else a contiguous copy."""
-    return t if pixel_stride(t) is not None else t.contiguous()
+def dense_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, channel, flattened pixel ``h * W + w``) strides of a ``dense`` tensor, from its
+    shape: a size-1 dimension may report any stride."""
+    _, c, h, w = t.shape
+    if t.is_contiguous():
+        return c * h * w, h * w, 1
+    return h * w * c, 1, c
 
 
 def pow2_divisor(values, cap: int) -> int:

@@ -22,13 +22,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
-from torch.library import triton_op, wrap_triton
 
 import alexnet_fast.autograd
-from alexnet_fast.ops import output_memory_format
 from alexnet_fast.backends import triton_interpreted
-from alexnet_fast.triton._common import (autotune_by_layout, channels_last_variant, flattenable, load_channels,
-                                         pixel_stride, pow2_divisor, store_channels)
+from alexnet_fast.ops import output_memory_format
+from alexnet_fast.triton._common import (autotune_by_layout, channels_last_variant, define_op, dense, dense_strides,
+                                         launch, load_channels, nothing_to_run, pow2_divisor, store_channels)
 from alexnet_fast.triton.pool import needs_wide_offsets, pool_outputs
 
 
@@ -309,11 +308,6 @@ _FUSED_BACKWARD = autotune_by_layout(
     interpreter_configs=(_P({"BLOCK_P": 16, "CB": 4}, False), _P({"BLOCK_P": 8, "CB": 4}, True)),
 )
 
-def _nchw_strides(t: Tensor) -> tuple[int, int, int]:
-    """(batch, channel, flattened pixel) strides of a tensor that ``flattenable`` accepted."""
-    return t.stride(0), t.stride(1), pixel_stride(t)
-
-
 def _fast_pow(x: Tensor) -> bool:
     """The hardware log2 for float32 math on the GPU (the interpreter has no libdevice)."""
     return x.dtype != torch.float64 and not triton_interpreted()
@@ -323,7 +317,7 @@ def _align(*tensors: Tensor) -> int:
     """A power of two dividing the pixel count and the batch and channel strides of every tensor
     (the pixel variant's vector width; 1 for channels_last tensors, whose channel stride is 1)."""
     t = tensors[0]
-    values = [t.shape[2] * t.shape[3]] + [v for u in tensors for v in (u.stride(0), u.stride(1))]
+    values = [t.shape[2] * t.shape[3]] + [v for u in tensors for v in dense_strides(u)[:2]]
     return pow2_divisor(values, 16 // t.element_size())
 
 
@@ -331,71 +325,70 @@ def _grid(n: int, c: int, hw: int):
     return lambda meta: (triton.cdiv(c, meta["CB"]) * triton.cdiv(hw, meta["BLOCK_P"]) * n,)
 
 
-@triton_op("alexnet_fast_triton::lrn", mutates_args=(),
-           schema="(Tensor x, int size, float alpha, float beta, float k) -> Tensor")
+@define_op("alexnet_fast_triton::lrn",
+           "(Tensor x, int size, float alpha, float beta, float k) -> Tensor")
 def lrn(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
     out = torch.empty_like(x, memory_format=output_memory_format(x))
-    if out.numel() == 0:
+    if nothing_to_run(out):
         return out
-    x = flattenable(x)
+    x = dense(x)
     n, c, h, w = x.shape
     halo, _ = _halos(size)
-    wrap_triton(_LRN_FORWARD[channels_last_variant(x)])[_grid(n, c, h * w)](
-        x, out, c, h * w, *_nchw_strides(x), *_nchw_strides(out), alpha / size, -beta, k,
-        SIZE=size, HALO=halo, FAST_POW=_fast_pow(x), ALIGN=_align(x, out))
+    launch(_LRN_FORWARD[channels_last_variant(x)], _grid(n, c, h * w), x, out, c, h * w, *dense_strides(x),
+           *dense_strides(out), alpha / size, -beta, k, SIZE=size, HALO=halo, FAST_POW=_fast_pow(x),
+           ALIGN=_align(x, out))
     return out
 
 
-@triton_op("alexnet_fast_triton::lrn_backward", mutates_args=(),
-           schema="(Tensor grad_out, Tensor x, int size, float alpha, float beta, float k) -> Tensor")
+@define_op("alexnet_fast_triton::lrn_backward",
+           "(Tensor grad_out, Tensor x, int size, float alpha, float beta, float k) -> Tensor")
 def lrn_backward(grad_out: Tensor, x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
     dx = torch.empty_like(x, memory_format=output_memory_format(x))
-    if dx.numel() == 0:
+    if nothing_to_run(dx):
         return dx
-    x, grad_out = flattenable(x), flattenable(grad_out)
+    x, grad_out = dense(x), dense(grad_out)
     n, c, h, w = x.shape
     ghalo, xhalo = _halos(size)
-    wrap_triton(_LRN_BACKWARD[channels_last_variant(x)])[_grid(n, c, h * w)](
-        grad_out, x, dx, c, h * w, *_nchw_strides(grad_out), *_nchw_strides(x), *_nchw_strides(dx),
-        alpha / size, -beta, k, SIZE=size, GHALO=ghalo, XHALO=xhalo, FAST_POW=_fast_pow(x),
-        ALIGN=_align(grad_out, x, dx))
+    launch(_LRN_BACKWARD[channels_last_variant(x)], _grid(n, c, h * w), grad_out, x, dx, c, h * w,
+           *dense_strides(grad_out), *dense_strides(x), *dense_strides(dx), alpha / size, -beta, k, SIZE=size,
+           GHALO=ghalo, XHALO=xhalo, FAST_POW=_fast_pow(x), ALIGN=_align(grad_out, x, dx))
     return dx
 
 
-@triton_op("alexnet_fast_triton::lrn_max_pool2d", mutates_args=(),
-           schema="(Tensor x, int size, float alpha, float beta, float k, int[2] kernel_size, int[2] stride) "
-                  "-> (Tensor, Tensor)")
+@define_op("alexnet_fast_triton::lrn_max_pool2d",
+           "(Tensor x, int size, float alpha, float beta, float k, int[2] kernel_size, int[2] stride) "
+           "-> (Tensor, Tensor)")
 def lrn_max_pool2d(x: Tensor, size: int, alpha: float, beta: float, k: float, kernel_size: list[int],
                    stride: list[int]) -> tuple[Tensor, Tensor]:
     out, idx = pool_outputs(x, kernel_size, stride, (0, 0), False)
-    if out.numel() == 0:
+    if nothing_to_run(out):
         return out, idx
     n, c = x.shape[:2]
     oh, ow = out.shape[-2:]
     halo, _ = _halos(size)
-    wrap_triton(_FUSED_FORWARD[channels_last_variant(x)])[_grid(n, c, oh * ow)](
-        x, out, idx, c, oh, ow, *x.stride(), *out.stride(), alpha / size, -beta, k, SIZE=size, HALO=halo,
-        FAST_POW=_fast_pow(x), KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1], WIDE=needs_wide_offsets(x, out))
+    launch(_FUSED_FORWARD[channels_last_variant(x)], _grid(n, c, oh * ow), x, out, idx, c, oh, ow,
+           *x.stride(), *out.stride(), alpha / size, -beta, k, SIZE=size, HALO=halo, FAST_POW=_fast_pow(x),
+           KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1], WIDE=needs_wide_offsets(x, out))
     return out, idx
 
 
-@triton_op("alexnet_fast_triton::lrn_max_pool2d_backward", mutates_args=(),
-           schema="(Tensor grad_out, Tensor x, Tensor indices, int size, float alpha, float beta, float k, "
-                  "int[2] kernel_size, int[2] stride) -> Tensor")
+@define_op("alexnet_fast_triton::lrn_max_pool2d_backward",
+           "(Tensor grad_out, Tensor x, Tensor indices, int size, float alpha, float beta, float k, "
+           "int[2] kernel_size, int[2] stride) -> Tensor")
 def lrn_max_pool2d_backward(grad_out: Tensor, x: Tensor, indices: Tensor, size: int, alpha: float, beta: float,
                             k: float, kernel_size: list[int], stride: list[int]) -> Tensor:
     dx = torch.empty_like(x, memory_format=output_memory_format(x))
-    if dx.numel() == 0:
+    if nothing_to_run(dx):
         return dx
     n, c, h, w = x.shape
     oh, ow = grad_out.shape[-2:]
     (kh, kw), (sh, sw) = kernel_size, stride
     ncy, ncx = triton.cdiv(h, sh), triton.cdiv(w, sw)
     ghalo, xhalo = _halos(size)
-    wrap_triton(_FUSED_BACKWARD[channels_last_variant(x)])[_grid(n, c, ncy * ncx)](
-        grad_out, x, indices, dx, c, h, w, oh, ow, ncy, ncx, *grad_out.stride(), *x.stride(), *indices.stride(),
-        *dx.stride(), alpha / size, -beta, k, SIZE=size, GHALO=ghalo, XHALO=xhalo, FAST_POW=_fast_pow(x), KH=kh, KW=kw, SH=sh, SW=sw,
-        WIDE=needs_wide_offsets(x, grad_out))
+    launch(_FUSED_BACKWARD[channels_last_variant(x)], _grid(n, c, ncy * ncx), grad_out, x, indices, dx, c, h,
+           w, oh, ow, ncy, ncx, *grad_out.stride(), *x.stride(), *indices.stride(), *dx.stride(),
+           alpha / size, -beta, k, SIZE=size, GHALO=ghalo, XHALO=xhalo, FAST_POW=_fast_pow(x), KH=kh, KW=kw,
+           SH=sh, SW=sw, WIDE=needs_wide_offsets(x, grad_out))
     return dx
 
 

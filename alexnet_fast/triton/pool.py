@@ -17,11 +17,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
 
 import alexnet_fast.autograd
 from alexnet_fast.ops import output_memory_format, pool_out_shape
-from alexnet_fast.triton._common import autotune_by_layout, channels_last_variant
+from alexnet_fast.triton._common import autotune_by_layout, channels_last_variant, define_op, launch, nothing_to_run
 
 _INT32_MAX = 2**31 - 1
 
@@ -166,12 +165,12 @@ def pool_outputs(x: Tensor, kernel_size, stride, padding, ceil_mode) -> tuple[Te
             torch.empty(shape, dtype=torch.uint8, device=x.device).contiguous(memory_format=fmt))
 
 
-@triton_op("alexnet_fast_triton::max_pool2d", mutates_args=(),
-           schema="(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode) -> (Tensor, Tensor)")
+@define_op("alexnet_fast_triton::max_pool2d",
+           "(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode) -> (Tensor, Tensor)")
 def max_pool2d(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
                ceil_mode: bool) -> tuple[Tensor, Tensor]:
     out, idx = pool_outputs(x, kernel_size, stride, padding, ceil_mode)
-    if out.numel() == 0:
+    if nothing_to_run(out):
         return out, idx
     n, c, h, w = x.shape
     oh, ow = out.shape[-2:]
@@ -179,28 +178,28 @@ def max_pool2d(x: Tensor, kernel_size: list[int], stride: list[int], padding: li
     # Without padding, and with every window of a ceil_mode output inside the input, no element
     # of a window needs a bounds check.
     bounds = ph > 0 or pw > 0 or (oh - 1) * sh + kh > h or (ow - 1) * sw + kw > w
-    wrap_triton(_POOL_FORWARD[channels_last_variant(x)])[_grid(n, c, oh * ow)](
-        x, out, idx, c, h, w, oh, ow, *x.stride(), *out.stride(),
-        KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, BOUNDS=bounds, WIDE=needs_wide_offsets(x, out))
+    launch(_POOL_FORWARD[channels_last_variant(x)], _grid(n, c, oh * ow), x, out, idx, c, h, w, oh, ow,
+           *x.stride(), *out.stride(), KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, BOUNDS=bounds,
+           WIDE=needs_wide_offsets(x, out))
     return out, idx
 
 
-@triton_op("alexnet_fast_triton::max_pool2d_backward", mutates_args=(),
-           schema="(Tensor grad_out, Tensor indices, int[2] input_hw, int[2] kernel_size, int[2] stride, "
-                  "int[2] padding) -> Tensor")
+@define_op("alexnet_fast_triton::max_pool2d_backward",
+           "(Tensor grad_out, Tensor indices, int[2] input_hw, int[2] kernel_size, int[2] stride, "
+           "int[2] padding) -> Tensor")
 def max_pool2d_backward(grad_out: Tensor, indices: Tensor, input_hw: list[int], kernel_size: list[int],
                         stride: list[int], padding: list[int]) -> Tensor:
     n, c, oh, ow = grad_out.shape
     h, w = input_hw
     dx = torch.empty((n, c, h, w), dtype=grad_out.dtype, device=grad_out.device).contiguous(
         memory_format=output_memory_format(grad_out))
-    if dx.numel() == 0:
+    if nothing_to_run(dx):
         return dx
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     ncy, ncx = (h - 1 + ph) // sh + 1, (w - 1 + pw) // sw + 1
-    wrap_triton(_POOL_BACKWARD[channels_last_variant(grad_out)])[_grid(n, c, ncy * ncx)](
-        grad_out, indices, dx, c, h, w, oh, ow, ncy, ncx, *grad_out.stride(), *indices.stride(), *dx.stride(),
-        KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, WIDE=needs_wide_offsets(grad_out, dx))
+    launch(_POOL_BACKWARD[channels_last_variant(grad_out)], _grid(n, c, ncy * ncx), grad_out, indices, dx, c,
+           h, w, oh, ow, ncy, ncx, *grad_out.stride(), *indices.stride(), *dx.stride(), KH=kh, KW=kw, SH=sh,
+           SW=sw, PH=ph, PW=pw, WIDE=needs_wide_offsets(grad_out, dx))
     return dx
 
 

@@ -18,9 +18,6 @@
 #include "checks.h"
 #include "cpu/cpu_common.h"  // pooling argument checks and output sizes, shared with the CPU kernels
 
-// The tensor whose device selected these kernels must be a CUDA tensor.
-#define CHECK_CUDA_TENSOR(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor, got ", (x).device())
-
 namespace alexnet_fast::gpu {
 
 constexpr int kThreads = 256;  // threads per block of every kernel here
@@ -392,6 +389,17 @@ inline unsigned grid_blocks(int64_t work_items, int64_t items_per_block) {
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "tensor too large for one launch (", work_items,
               " work items)");
   return static_cast<unsigned>(std::max<int64_t>(blocks, 1));
+}
+
+// Blocks for a grid-stride loop over `total` items: enough to fill the GPU, no more than the work.
+inline unsigned strided_grid(int64_t total) {
+  return static_cast<unsigned>(std::clamp<int64_t>(ceil_div(total, kThreads), 1, int64_t(sm_count()) * 64));
+}
+
+// The kernels index within one plane (h * W + w) in 32 bits.
+inline void check_plane(int64_t h, int64_t w, const char* what) {
+  TORCH_CHECK(h * w < (int64_t(1) << 31), what, ": planes of more than 2^31 elements are not supported, got ", h,
+              " x ", w);
 }
 
 // Channel chunk of the channel-walking kernels for `threads` threads per group: groups are added

@@ -632,16 +632,7 @@ __global__ void __launch_bounds__(kThreads)
 // ================================================================================================
 constexpr int64_t kNoPadding[2] = {0, 0};
 
-unsigned generic_grid(int64_t total) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, kThreads), int64_t(sm_count()) * 64)));
-}
-
 bool is_channels_last(at::MemoryFormat fmt) { return fmt == at::MemoryFormat::ChannelsLast; }
-
-void check_plane(int64_t h, int64_t w) {
-  TORCH_CHECK(h * w < (int64_t(1) << 31), "x: planes of more than 2^31 elements are not supported, got ", h, " x ",
-              w);
-}
 
 // The 16-byte vector of T the channels_last kernels load, if C and the tensors allow it.
 template <typename T>
@@ -708,14 +699,14 @@ void lrn_backward_fast(const at::Tensor& g, const at::Tensor& x, at::Tensor& dx,
 at::Tensor lrn_cuda(const at::Tensor& x, int64_t size, double alpha, double beta, double k) {
   CHECK_4D(x);
   CHECK_FLOATING(x);
-  CHECK_CUDA_TENSOR(x);
+  CHECK_DEVICE_TYPE(x, at::kCUDA);
   check_lrn_params(size, beta, k);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = output_memory_format(x);
   const at::Tensor xc = x.contiguous(fmt);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(fmt));
   if (out.numel() == 0) return out;
-  check_plane(x.size(2), x.size(3));
+  check_plane(x.size(2), x.size(3), "x");
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrn_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
@@ -728,7 +719,7 @@ at::Tensor lrn_cuda(const at::Tensor& x, int64_t size, double alpha, double beta
     const int64_t total = out.numel();
     const auto kernel = is_channels_last(fmt) ? lrn_forward_generic_kernel<scalar_t, true>
                                               : lrn_forward_generic_kernel<scalar_t, false>;
-    kernel<<<generic_grid(total), kThreads, 0, stream>>>(
+    kernel<<<strided_grid(total), kThreads, 0, stream>>>(
         xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), total, static_cast<int>(x.size(1)),
         static_cast<int>(x.size(2)), static_cast<int>(x.size(3)), static_cast<int>(size / 2),
         static_cast<int>((size - 1) / 2), make_lrn_params<at::opmath_type<scalar_t>>(size, alpha, beta, k));
@@ -740,7 +731,7 @@ at::Tensor lrn_cuda(const at::Tensor& x, int64_t size, double alpha, double beta
 void check_grad_like(const at::Tensor& grad_out, const at::Tensor& x) {
   CHECK_4D(x);
   CHECK_FLOATING(x);
-  CHECK_CUDA_TENSOR(x);
+  CHECK_DEVICE_TYPE(x, at::kCUDA);
   CHECK_4D(grad_out);
   CHECK_SAME_DTYPE(x, grad_out);
   CHECK_SAME_DEVICE(x, grad_out);
@@ -758,7 +749,7 @@ at::Tensor lrn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, in
   const at::Tensor g = grad_out.contiguous(fmt);
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
   if (dx.numel() == 0) return dx;
-  check_plane(x.size(2), x.size(3));
+  check_plane(x.size(2), x.size(3), "x");
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrn_backward_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
@@ -772,7 +763,7 @@ at::Tensor lrn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, in
     const PoolShape shape{static_cast<int>(x.size(2)), static_cast<int>(x.size(3))};
     const auto kernel = is_channels_last(fmt) ? lrn_backward_generic_kernel<scalar_t, true, false>
                                               : lrn_backward_generic_kernel<scalar_t, false, false>;
-    kernel<<<generic_grid(total), kThreads, 0, stream>>>(
+    kernel<<<strided_grid(total), kThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), nullptr, xc.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), total,
         static_cast<int>(x.size(1)), static_cast<int>(size / 2), static_cast<int>((size - 1) / 2), shape,
         make_lrn_params<at::opmath_type<scalar_t>>(size, alpha, beta, k));
@@ -842,14 +833,14 @@ std::tuple<at::Tensor, at::Tensor> lrn_max_pool2d_cuda(const at::Tensor& x, int6
                                                        double k, at::IntArrayRef kernel_size, at::IntArrayRef stride) {
   CHECK_4D(x);
   CHECK_FLOATING(x);
-  CHECK_CUDA_TENSOR(x);
+  CHECK_DEVICE_TYPE(x, at::kCUDA);
   check_lrn_params(size, beta, k);
   const at::IntArrayRef padding(kNoPadding, 2);
   cpu::check_pool_params(kernel_size, stride, padding);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const auto out_hw = cpu::pool_output_hw(H, W, kernel_size, stride, padding, false);
   const int64_t OH = out_hw.first, OW = out_hw.second;
-  check_plane(H, W);
+  check_plane(H, W, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = output_memory_format(x);
   const at::Tensor xc = x.contiguous(fmt);
@@ -869,7 +860,7 @@ std::tuple<at::Tensor, at::Tensor> lrn_max_pool2d_cuda(const at::Tensor& x, int6
     const int64_t total = out.numel();
     const auto kernel = is_channels_last(fmt) ? lrn_max_pool2d_forward_generic_kernel<scalar_t, true>
                                               : lrn_max_pool2d_forward_generic_kernel<scalar_t, false>;
-    kernel<<<generic_grid(total), kThreads, 0, stream>>>(
+    kernel<<<strided_grid(total), kThreads, 0, stream>>>(
         xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<uint8_t>(), total,
         static_cast<int>(C), static_cast<int>(size / 2), static_cast<int>((size - 1) / 2), s,
         make_lrn_params<at::opmath_type<scalar_t>>(size, alpha, beta, k));
@@ -923,7 +914,7 @@ at::Tensor lrn_max_pool2d_backward_cuda(const at::Tensor& grad_out, const at::Te
   const int64_t OH = out_hw.first, OW = out_hw.second;
   CHECK_SHAPE(grad_out, N, C, OH, OW);
   CHECK_SHAPE(indices, N, C, OH, OW);
-  check_plane(H, W);
+  check_plane(H, W, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = output_memory_format(x);
   const at::Tensor xc = x.contiguous(fmt);
@@ -944,7 +935,7 @@ at::Tensor lrn_max_pool2d_backward_cuda(const at::Tensor& grad_out, const at::Te
     const int64_t total = dx.numel();
     const auto kernel = is_channels_last(fmt) ? lrn_backward_generic_kernel<scalar_t, true, true>
                                               : lrn_backward_generic_kernel<scalar_t, false, true>;
-    kernel<<<generic_grid(total), kThreads, 0, stream>>>(
+    kernel<<<strided_grid(total), kThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), idx.const_data_ptr<uint8_t>(), xc.const_data_ptr<scalar_t>(),
         dx.mutable_data_ptr<scalar_t>(), total, static_cast<int>(C), static_cast<int>(size / 2),
         static_cast<int>((size - 1) / 2), s, make_lrn_params<at::opmath_type<scalar_t>>(size, alpha, beta, k));

@@ -10,6 +10,7 @@ else, so a damaged or foreign file never silently starts a fresh run.
 Files holding only model weights (a bare state_dict, as the seed saved them, or a dict with a
 ``model_state_dict`` entry) load for evaluation and visualization, not for resuming.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,23 +73,30 @@ def _read(path: str):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for damaged files: RuntimeError, EOFError, UnpicklingError...
+    except (
+        Exception
+    ) as e:  # torch raises many types for damaged files: RuntimeError, EOFError, UnpicklingError...
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         refused = [line for line in lines if "Unsupported global" in line]
         if refused:
             raise CheckpointError(
                 f"{path} holds Python objects other than tensors and plain containers, which a safe "
-                f"(weights_only) load refuses: {refused[0]}") from e
+                f"(weights_only) load refuses: {refused[0]}"
+            ) from e
         # weights_only errors bury the cause after a long preamble
         reason = next((line for line in lines if line.startswith("Unsupported")), lines[0])
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (damaged, truncated, or not written by "
-            f"torch.save): {reason}") from e
+            f"torch.save): {reason}"
+        ) from e
 
 
 def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    return (
+        isinstance(obj, dict)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
 def _validate_training(path: str, obj: dict) -> dict:
@@ -98,7 +106,8 @@ def _validate_training(path: str, obj: dict) -> dict:
     if version > VERSION:
         raise CheckpointError(
             f"{path} was written by a newer alexnet_fast (checkpoint format {version}; this version "
-            f"reads up to {VERSION}): upgrade alexnet_fast to use it")
+            f"reads up to {VERSION}): upgrade alexnet_fast to use it"
+        )
     missing = [k for k in REQUIRED_KEYS if k not in obj]
     if missing:
         raise CheckpointError(f"{path} is an incomplete training checkpoint: it lacks {missing}")
@@ -117,7 +126,8 @@ def load_training_checkpoint(path: str) -> dict:
     if _is_state_dict(obj) or (isinstance(obj, dict) and _is_state_dict(obj.get("model_state_dict"))):
         raise CheckpointError(
             f"{path} holds model weights only (no optimizer, scheduler or epoch), so training cannot "
-            f"resume from it; evaluate or visualize it with `alexnet-fast eval|viz --checkpoint {path}`")
+            f"resume from it; evaluate or visualize it with `alexnet-fast eval|viz --checkpoint {path}`"
+        )
     raise CheckpointError(f"{path} is not an alexnet_fast training checkpoint (no '{FORMAT}' format marker)")
 
 
@@ -134,7 +144,8 @@ def load_weights(path: str) -> tuple[dict, dict | None]:
         return obj["model_state_dict"], None
     raise CheckpointError(
         f"{path} is neither an alexnet_fast training checkpoint nor a model state_dict "
-        f"(a dict of tensors); got {type(obj).__name__}")
+        f"(a dict of tensors); got {type(obj).__name__}"
+    )
 
 
 def load_model(path: str, backend: str | None = "auto", device="cpu"):

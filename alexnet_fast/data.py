@@ -16,6 +16,7 @@ come from a device generator, so no per-batch work happens on the host. ``get_st
 keeps the seed's signature and can also return ``torch.utils.data.DataLoader`` s for per-image
 transforms of your own.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,18 @@ DATASETS = ("synthetic", "stl10")
 SPLITS = ("train", "test")
 STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 STL10_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin")
-SYNTHETIC_CLASSES = ("disk", "square", "ring", "triangle", "cross", "stripes", "checkerboard", "diamond",
-                     "two-dots", "frame")
+SYNTHETIC_CLASSES = (
+    "disk",
+    "square",
+    "ring",
+    "triangle",
+    "cross",
+    "stripes",
+    "checkerboard",
+    "diamond",
+    "two-dots",
+    "frame",
+)
 # STL-10's own split sizes, so a synthetic epoch costs what a real one does.
 SYNTHETIC_SIZES = {"train": 5000, "test": 8000}
 
@@ -59,11 +70,14 @@ class ImageArrays:
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
-            raise ValueError(f"images must be uint8 (N, 3, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(
+                f"images must be uint8 (N, 3, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
             raise ValueError(
                 f"labels must be int64 of shape ({self.images.shape[0]},), got {self.labels.dtype} "
-                f"{tuple(self.labels.shape)}")
+                f"{tuple(self.labels.shape)}"
+            )
         self.classes = tuple(self.classes)
 
     def __len__(self) -> int:
@@ -97,16 +111,20 @@ class ImageArrays:
 def _stl10_missing_message(root: str) -> str:
     folder = os.path.join(os.path.abspath(root), "stl10_binary")
     missing = [f for f in STL10_FILES if not os.path.isfile(os.path.join(folder, f))]
-    problem = (f"missing {', '.join(missing)}" if missing else
-               "its files do not match the official release's checksums (damaged or partly downloaded)")
+    problem = (
+        f"missing {', '.join(missing)}"
+        if missing
+        else "its files do not match the official release's checksums (damaged or partly downloaded)"
+    )
     return (
         f"STL-10 not found in {folder}: {problem}. "
         f"Expected the official binary release ({', '.join(STL10_FILES)}) as "
         f"`torchvision.datasets.STL10(root, download=True)` leaves it. Fetch it once on a machine "
-        f"with internet access: python -c \"import torchvision; torchvision.datasets.STL10("
+        f'with internet access: python -c "import torchvision; torchvision.datasets.STL10('
         f"'{root}', download=True)\" (or extract http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz "
         f"into {os.path.abspath(root)}), then pass --data-dir {root}; or train on the embedded "
-        f"dataset with --data synthetic.")
+        f"dataset with --data synthetic."
+    )
 
 
 def load_stl10(root: str, split: str = "train") -> ImageArrays:
@@ -133,10 +151,20 @@ def load_stl10(root: str, split: str = "train") -> ImageArrays:
 # Images are generated in chunks seeded by (seed, split, chunk index), so a shorter dataset is a
 # prefix of a longer one and --limit never changes which images a run sees.
 _CHUNK = 100  # 10 images of each class per chunk
-_PALETTE = torch.tensor([
-    (0.90, 0.20, 0.20), (0.20, 0.80, 0.30), (0.20, 0.40, 0.95), (0.95, 0.85, 0.20), (0.85, 0.25, 0.80),
-    (0.20, 0.85, 0.85), (1.00, 0.55, 0.10), (0.92, 0.92, 0.92), (0.55, 0.30, 0.90), (0.60, 0.95, 0.30),
-])
+_PALETTE = torch.tensor(
+    [
+        (0.90, 0.20, 0.20),
+        (0.20, 0.80, 0.30),
+        (0.20, 0.40, 0.95),
+        (0.95, 0.85, 0.20),
+        (0.85, 0.25, 0.80),
+        (0.20, 0.85, 0.85),
+        (1.00, 0.55, 0.10),
+        (0.92, 0.92, 0.92),
+        (0.55, 0.30, 0.90),
+        (0.60, 0.95, 0.30),
+    ]
+)
 
 
 def _shape_mask(cls: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -190,8 +218,9 @@ def _synthetic_chunk(seed: int, split: str, chunk: int) -> tuple[torch.Tensor, t
     # Background: a dark colour with a gentle linear gradient in a random direction.
     background = uniform(0.0, 0.45, n, 3, 1, 1)
     direction = uniform(0, 2 * math.pi, n, 1, 1)
-    ramp = (torch.cos(direction) * (grid.view(1, 1, -1) / size - 0.5)
-            + torch.sin(direction) * (grid.view(1, -1, 1) / size - 0.5))
+    ramp = torch.cos(direction) * (grid.view(1, 1, -1) / size - 0.5) + torch.sin(direction) * (
+        grid.view(1, -1, 1) / size - 0.5
+    )
     background = background + 0.15 * ramp.unsqueeze(1)
     foreground = (_PALETTE[labels] + 0.08 * torch.randn(n, 3, generator=g)).view(n, 3, 1, 1)
     image = torch.where(mask.unsqueeze(1), foreground, background)
@@ -215,7 +244,9 @@ def make_synthetic(split: str = "train", num_images: int | None = None, seed: in
     return ImageArrays(images, labels, SYNTHETIC_CLASSES)
 
 
-def load_dataset(name: str, split: str, root: str = "./data", limit: int | None = None, seed: int = 0) -> ImageArrays:
+def load_dataset(
+    name: str, split: str, root: str = "./data", limit: int | None = None, seed: int = 0
+) -> ImageArrays:
     """``split`` of dataset ``name`` ("synthetic" or "stl10"), at most ``limit`` images."""
     if name == "synthetic":
         return make_synthetic(split, limit, seed)
@@ -235,9 +266,15 @@ def normalization(device, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[torch.T
     return (1 / (255 * std_t)).to(device), (-mean_t / std_t).to(device)
 
 
-def preprocess(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, input_size: int = 224,
-               flip: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-               channels_last: bool = False) -> torch.Tensor:
+def preprocess(
+    images: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    input_size: int = 224,
+    flip: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> torch.Tensor:
     """uint8 (B, 3, H, W) images to a normalized (B, 3, input_size, input_size) batch of ``dtype``:
     horizontally flipped where the bool (B,) ``flip`` is set, normalized, resized bilinearly.
 
@@ -257,8 +294,12 @@ def preprocess(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, i
     if x.shape[-1] != input_size or x.shape[-2] != input_size:
         # transforms.Resize antialiases by default, which only acts when shrinking; upsampling
         # 96 -> 224 is plain bilinear either way.
-        x = TF.resize(x, [input_size, input_size], interpolation=TF.InterpolationMode.BILINEAR,
-                      antialias=input_size < min(x.shape[-2:]))
+        x = TF.resize(
+            x,
+            [input_size, input_size],
+            interpolation=TF.InterpolationMode.BILINEAR,
+            antialias=input_size < min(x.shape[-2:]),
+        )
     return x.to(dtype)
 
 
@@ -271,15 +312,27 @@ class DeviceLoader:
     without it each iteration starts the next epoch. ``classes`` names the labels.
     """
 
-    def __init__(self, arrays: ImageArrays, batch_size: int, *, train: bool, input_size: int = 224,
-                 device=None, dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 seed: int = 0, drop_last: bool = False):
+    def __init__(
+        self,
+        arrays: ImageArrays,
+        batch_size: int,
+        *,
+        train: bool,
+        input_size: int = 224,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(input_size, int) or input_size < 1:
             raise ValueError(f"input_size must be a positive int, got {input_size!r}")
         if drop_last and len(arrays) < batch_size:
-            raise ValueError(f"drop_last with batch_size {batch_size} leaves no batch of {len(arrays)} images")
+            raise ValueError(
+                f"drop_last with batch_size {batch_size} leaves no batch of {len(arrays)} images"
+            )
         self.device = torch.device(device) if device is not None else arrays.images.device
         self.images = arrays.images.to(self.device)
         self.labels = arrays.labels.to(self.device)
@@ -321,8 +374,15 @@ class DeviceLoader:
             else:
                 idx = order[batch]
                 images, labels = self.images.index_select(0, idx), self.labels.index_select(0, idx)
-            x = preprocess(images, self._scale, self._shift, self.input_size,
-                           flips[batch] if flips is not None else None, self.dtype, self.channels_last)
+            x = preprocess(
+                images,
+                self._scale,
+                self._shift,
+                self.input_size,
+                flips[batch] if flips is not None else None,
+                self.dtype,
+                self.channels_last,
+            )
             yield x, labels
 
 
@@ -359,11 +419,22 @@ class ArrayDataset(torch.utils.data.Dataset):
         return image, int(self.arrays.labels[index])
 
 
-def get_stl10_loaders(data_root: str = "./data", batch_size: int = 64, num_workers: int = 0,
-                      input_size: int = 224, *, dataset: str = "stl10", pipeline: str = "device",
-                      device=None, limit: int | None = None, seed: int = 0,
-                      dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                      train_transform=None, test_transform=None):
+def get_stl10_loaders(
+    data_root: str = "./data",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    input_size: int = 224,
+    *,
+    dataset: str = "stl10",
+    pipeline: str = "device",
+    device=None,
+    limit: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    train_transform=None,
+    test_transform=None,
+):
     """(train_loader, test_loader) over STL-10 in ``data_root`` (or the synthetic dataset with
     ``dataset="synthetic"``), yielding normalized ``(images, labels)`` batches as the seed's did.
 
@@ -382,11 +453,21 @@ def get_stl10_loaders(data_root: str = "./data", batch_size: int = 64, num_worke
             raise ValueError("train_transform/test_transform apply to pipeline='dataloader' only")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        common = dict(input_size=input_size, device=device, dtype=dtype, channels_last=channels_last, seed=seed)
-        return (DeviceLoader(train, batch_size, train=True, **common),
-                DeviceLoader(test, batch_size, train=False, **common))
+        common = dict(
+            input_size=input_size, device=device, dtype=dtype, channels_last=channels_last, seed=seed
+        )
+        return (
+            DeviceLoader(train, batch_size, train=True, **common),
+            DeviceLoader(test, batch_size, train=False, **common),
+        )
     pin = torch.cuda.is_available()
     train_ds = ArrayDataset(train, train_transform or seed_transform(input_size, train=True))
     test_ds = ArrayDataset(test, test_transform or seed_transform(input_size, train=False))
-    return (torch.utils.data.DataLoader(train_ds, batch_size, shuffle=True, num_workers=num_workers, pin_memory=pin),
-            torch.utils.data.DataLoader(test_ds, batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin))
+    return (
+        torch.utils.data.DataLoader(
+            train_ds, batch_size, shuffle=True, num_workers=num_workers, pin_memory=pin
+        ),
+        torch.utils.data.DataLoader(
+            test_ds, batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin
+        ),
+    )

@@ -1,4 +1,5 @@
 """Top-k accuracy, the per-epoch metric log (CSV and JSON lines) and the training-curves plot."""
+
 from __future__ import annotations
 
 import csv
@@ -9,9 +10,23 @@ import torch
 
 TOPK = (1, 3, 5)
 # Columns of metrics.csv, in order; a history row is a dict with these keys.
-COLUMNS = ("epoch", "lr", "train_loss", "train_acc1", "train_acc3", "train_acc5", "train_images",
-           "test_loss", "test_acc1", "test_acc3", "test_acc5", "test_images",
-           "images_per_s", "ms_per_step", "epoch_s")
+COLUMNS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_acc1",
+    "train_acc3",
+    "train_acc5",
+    "train_images",
+    "test_loss",
+    "test_acc1",
+    "test_acc3",
+    "test_acc5",
+    "test_images",
+    "images_per_s",
+    "ms_per_step",
+    "epoch_s",
+)
 
 
 @torch.no_grad()
@@ -20,7 +35,9 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=TOPK) -> torch.
     ``ks``, as a float64 tensor on the logits' device (no host synchronization). k larger than
     the number of classes counts every row."""
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"logits must be (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"logits must be (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
     maxk = min(max(ks), logits.shape[1])
     top = logits.topk(maxk, dim=1).indices
     hit = (top == targets.view(-1, 1)).to(torch.float64)
@@ -80,8 +97,14 @@ def plot_curves(history: list[dict], path: str | None = None):
     for split, style in (("train", "-"), ("test", "--")):
         ax_loss.plot(epochs, [row[f"{split}_loss"] for row in history], style, marker=marker, label=split)
         for k, color in ((1, "C0"), (5, "C2")):
-            ax_acc.plot(epochs, [row[f"{split}_acc{k}"] for row in history], style, color=color,
-                        marker=marker, label=f"{split} top-{k}")
+            ax_acc.plot(
+                epochs,
+                [row[f"{split}_acc{k}"] for row in history],
+                style,
+                color=color,
+                marker=marker,
+                label=f"{split} top-{k}",
+            )
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy", ylim=(0, 100))
     for ax in (ax_loss, ax_acc):
@@ -92,4 +115,3 @@ def plot_curves(history: list[dict], path: str | None = None):
     if path is not None:
         fig.savefig(path, dpi=110)
     return fig
-

@@ -13,6 +13,7 @@ On the GPU, cuDNN's algorithm choice (``cudnn.benchmark``) and atomic adds in so
 kernels make runs differ in the last bits, so a resumed GPU run matches an uninterrupted one up
 to that nondeterminism only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -185,15 +186,29 @@ def _summary(stats: torch.Tensor) -> dict:
     n = values[-1]
     if n == 0:
         return {"loss": math.nan, **{f"acc{k}": math.nan for k in TOPK}, "images": 0}
-    return {"loss": values[0] / n, **{f"acc{k}": 100.0 * c / n for k, c in zip(TOPK, values[1:-1])},
-            "images": int(n)}
+    return {
+        "loss": values[0] / n,
+        **{f"acc{k}": 100.0 * c / n for k, c in zip(TOPK, values[1:-1])},
+        "images": int(n),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # the seed's loop functions
 # ---------------------------------------------------------------------------------------------
-def train_epoch_classification(dataloader, model, optimizer, criterion, device=None, amp=False, *,
-                               scaler=None, desc="Train", progress=True, step_losses=None) -> dict:
+def train_epoch_classification(
+    dataloader,
+    model,
+    optimizer,
+    criterion,
+    device=None,
+    amp=False,
+    *,
+    scaler=None,
+    desc="Train",
+    progress=True,
+    step_losses=None,
+) -> dict:
     """Train ``model`` for one pass over ``dataloader``; returns ``{"loss", "acc1", "acc3",
     "acc5", "images", "images_per_s", "ms_per_step"}`` (accuracies in percent, all-reduced
     across processes under torch.distributed; throughput of all processes together).
@@ -246,8 +261,9 @@ def train_epoch_classification(dataloader, model, optimizer, criterion, device=N
 
 
 @torch.no_grad()
-def evaluate_classification(dataloader, model, criterion, device=None, return_preds=False, *, amp=False,
-                            progress=False):
+def evaluate_classification(
+    dataloader, model, criterion, device=None, return_preds=False, *, amp=False, progress=False
+):
     """Evaluate ``model`` on ``dataloader``: ``{"loss", "acc1", "acc3", "acc5", "images"}``
     (all-reduced across processes under torch.distributed), or with ``return_preds`` the seed's
     ``(metrics, predicted labels, true labels, class probabilities)`` of this process's images."""
@@ -287,8 +303,11 @@ def _progress_iter(iterable, desc: str, enabled: bool):
 # ---------------------------------------------------------------------------------------------
 def _process_info() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
 
 
 def _training_device(config: TrainConfig, local_rank: int, world: int) -> torch.device:
@@ -306,8 +325,10 @@ def _training_device(config: TrainConfig, local_rank: int, world: int) -> torch.
 
 
 def _rng_state(device: torch.device) -> dict:
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
 
 
 def _set_rng_state(state: dict, device: torch.device) -> None:
@@ -334,17 +355,26 @@ def _validate_config(config: TrainConfig) -> None:
 
     checks = [
         (config.data in DATASETS, f"data must be one of {DATASETS}, got {config.data!r}"),
-        (config.backend in backends.BACKENDS, f"backend must be one of {backends.BACKENDS}, got {config.backend!r}"),
+        (
+            config.backend in backends.BACKENDS,
+            f"backend must be one of {backends.BACKENDS}, got {config.backend!r}",
+        ),
         (config.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got {config.amp!r}"),
         (config.epochs >= 1, f"epochs must be positive, got {config.epochs}"),
         (config.batch_size >= 1, f"batch_size must be positive, got {config.batch_size}"),
         (config.lr > 0, f"lr must be positive, got {config.lr}"),
         (config.momentum >= 0, f"momentum must be non-negative, got {config.momentum}"),
         (config.weight_decay >= 0, f"weight_decay must be non-negative, got {config.weight_decay}"),
-        (config.limit is None or config.limit >= 1, f"limit must be a positive number of images, got {config.limit}"),
+        (
+            config.limit is None or config.limit >= 1,
+            f"limit must be a positive number of images, got {config.limit}",
+        ),
         (config.keep_checkpoints >= 0, f"keep_checkpoints must be >= 0, got {config.keep_checkpoints}"),
         # conv1 (11/4), two 3/2 pools and the last pool need 67 pixels at least
-        (config.input_size >= 67, f"input_size must be at least 67 (AlexNet's smallest input), got {config.input_size}"),
+        (
+            config.input_size >= 67,
+            f"input_size must be at least 67 (AlexNet's smallest input), got {config.input_size}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -364,7 +394,8 @@ def _prepare_out_dir(out: str, resuming: bool, overwrite: bool) -> None:
     if os.path.exists(last) and not (resuming or overwrite):
         raise FileExistsError(
             f"{out} already holds a training run ({last}); continue it with --resume {last}, "
-            f"replace it with --overwrite, or choose another --out")
+            f"replace it with --overwrite, or choose another --out"
+        )
     ckpt_dir = os.path.join(out, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
     if overwrite and not resuming:
@@ -404,6 +435,7 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             started_group = True
     main_process = rank == 0
+    saved_flags = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
     try:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -415,22 +447,36 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
         train_set = load_dataset(config.data, "train", config.data_dir, config.limit, config.data_seed)
         test_set = load_dataset(config.data, "test", config.data_dir, config.limit, config.data_seed)
         input_dtype = amp_dtype(config.amp) or torch.float32
-        common = dict(input_size=config.input_size, device=device, dtype=input_dtype,
-                      channels_last=config.channels_last)
+        common = dict(
+            input_size=config.input_size, device=device, dtype=input_dtype, channels_last=config.channels_last
+        )
         train_shard = train_set.shard(rank, world, equal=True)
         # A compiled step is specialized to the batch shape: skip the ragged last batch.
         drop_last = config.compile and len(train_shard) >= config.batch_size
-        train_loader = DeviceLoader(train_shard, config.batch_size, train=True, seed=mix_seed(config.seed, rank),
-                                    drop_last=drop_last, **common)
-        test_loader = DeviceLoader(test_set.shard(rank, world, equal=False), config.batch_size, train=False, **common)
+        train_loader = DeviceLoader(
+            train_shard,
+            config.batch_size,
+            train=True,
+            seed=mix_seed(config.seed, rank),
+            drop_last=drop_last,
+            **common,
+        )
+        test_loader = DeviceLoader(
+            test_set.shard(rank, world, equal=False), config.batch_size, train=False, **common
+        )
 
         torch.manual_seed(config.seed)
         model = AlexNet(num_classes=len(train_set.classes), backend=config.backend).to(device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         step_kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay, **step_kind)
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            **step_kind,
+        )
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **PLATEAU)
         scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
         # Dropout streams differ per process; the parameters are the same on every rank.
@@ -445,8 +491,11 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  gradient_as_bucket_view=True)
+            train_model = DistributedDataParallel(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                gradient_as_bucket_view=True,
+            )
         eval_model = model
         if config.compile:
             train_model, eval_model = torch.compile(train_model), torch.compile(model)
@@ -460,16 +509,28 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
             train_loader.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
             train_m = train_epoch_classification(
-                train_loader, train_model, optimizer, criterion, device, config.amp, scaler=scaler,
-                desc=f"epoch {epoch}/{config.epochs}", progress=config.progress and main_process,
-                step_losses=step_losses)
+                train_loader,
+                train_model,
+                optimizer,
+                criterion,
+                device,
+                config.amp,
+                scaler=scaler,
+                desc=f"epoch {epoch}/{config.epochs}",
+                progress=config.progress and main_process,
+                step_losses=step_losses,
+            )
             test_m = evaluate_classification(test_loader, eval_model, criterion, device, amp=config.amp)
             scheduler.step(test_m["acc1"])
-            row = {"epoch": epoch, "lr": lr,
-                   **{f"train_{k}": train_m[k] for k in ("loss", "acc1", "acc3", "acc5", "images")},
-                   **{f"test_{k}": test_m[k] for k in ("loss", "acc1", "acc3", "acc5", "images")},
-                   "images_per_s": train_m["images_per_s"], "ms_per_step": train_m["ms_per_step"],
-                   "epoch_s": time.perf_counter() - began}
+            row = {
+                "epoch": epoch,
+                "lr": lr,
+                **{f"train_{k}": train_m[k] for k in ("loss", "acc1", "acc3", "acc5", "images")},
+                **{f"test_{k}": test_m[k] for k in ("loss", "acc1", "acc3", "acc5", "images")},
+                "images_per_s": train_m["images_per_s"],
+                "ms_per_step": train_m["ms_per_step"],
+                "epoch_s": time.perf_counter() - began,
+            }
             assert tuple(row) == COLUMNS
             history.append(row)
             rng_states = _gather_rng_states(device) if config.out is not None else None
@@ -479,9 +540,11 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
                 log.append(row)
                 plot_curves(history, os.path.join(out, "curves.png"))
                 _save(out, config, epoch, history, model, optimizer, scheduler, scaler, rng_states, world)
-        return TrainResult(model, history, [float(v) for v in torch.stack(step_losses).tolist()] if step_losses else [],
-                           config, out)
+        return TrainResult(
+            model, history, torch.stack(step_losses).tolist() if step_losses else [], config, out
+        )
     finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved_flags
         if started_group:
             import torch.distributed as dist
 
@@ -489,21 +552,33 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
 
 
 def _format_row(row: dict, epochs: int) -> str:
-    speed = "" if math.isnan(row["images_per_s"]) else (
-        f" | {row['images_per_s']:,.0f} img/s {row['ms_per_step']:.2f} ms/step")
-    return (f"epoch {row['epoch']:>3}/{epochs} | lr {row['lr']:.2e} | train loss {row['train_loss']:.4f} "
-            f"top-1 {row['train_acc1']:.2f}% | test loss {row['test_loss']:.4f} top-1 {row['test_acc1']:.2f}% "
-            f"top-5 {row['test_acc5']:.2f}%{speed} | {row['epoch_s']:.1f} s")
+    speed = (
+        ""
+        if math.isnan(row["images_per_s"])
+        else (f" | {row['images_per_s']:,.0f} img/s {row['ms_per_step']:.2f} ms/step")
+    )
+    return (
+        f"epoch {row['epoch']:>3}/{epochs} | lr {row['lr']:.2e} | train loss {row['train_loss']:.4f} "
+        f"top-1 {row['train_acc1']:.2f}% | test loss {row['test_loss']:.4f} top-1 {row['test_acc1']:.2f}% "
+        f"top-5 {row['test_acc5']:.2f}%{speed} | {row['epoch_s']:.1f} s"
+    )
 
 
 def _save(out, config, epoch, history, model, optimizer, scheduler, scaler, rng_states, world) -> None:
     from alexnet_fast import __version__, checkpoint
 
     state = {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng_states, "epoch": epoch, "config": dataclasses.asdict(config), "history": history,
-        "world_size": world, "torch_version": str(torch.__version__), "alexnet_fast_version": __version__,
+        "rng": rng_states,
+        "epoch": epoch,
+        "config": dataclasses.asdict(config),
+        "history": history,
+        "world_size": world,
+        "torch_version": str(torch.__version__),
+        "alexnet_fast_version": __version__,
     }
     ckpt_dir = os.path.join(out, "checkpoints")
     path = os.path.join(ckpt_dir, f"epoch_{epoch:03d}.pt")
@@ -523,14 +598,20 @@ def _restore(ckpt, model, optimizer, scheduler, scaler, device, rank, world) -> 
     states = ckpt["rng"]
     saved_world = ckpt.get("world_size", len(states))
     if saved_world != world and rank == 0:
-        print(f"note: the checkpoint was written by {saved_world} process(es), this run has {world}: "
-              f"data shards and dropout streams change, so the result will differ from an "
-              f"uninterrupted run", file=sys.stderr, flush=True)
+        print(
+            f"note: the checkpoint was written by {saved_world} process(es), this run has {world}: "
+            f"data shards and dropout streams change, so the result will differ from an "
+            f"uninterrupted run",
+            file=sys.stderr,
+            flush=True,
+        )
     _set_rng_state(states[rank % len(states)], device)
     return ckpt["epoch"], list(ckpt["history"])
 
 
-def _resumed_config(saved: dict, requested: TrainConfig, path: str, explicit: dict | None = None) -> TrainConfig:
+def _resumed_config(
+    saved: dict, requested: TrainConfig, path: str, explicit: dict | None = None
+) -> TrainConfig:
     """The checkpoint's config, with ``explicit`` (or, from the API, every field of
     ``requested`` that differs from the defaults) applied where ``RESUME_MUTABLE`` allows."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -551,16 +632,27 @@ def _resumed_config(saved: dict, requested: TrainConfig, path: str, explicit: di
         raise ValueError(
             f"resuming {path} continues its run with its own settings; these differ: {'; '.join(conflicts)}. "
             f"Drop them, or start a new run. A resumed run may change only "
-            f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MUTABLE)}")
+            f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MUTABLE)}"
+        )
     return config
 
 
 # ---------------------------------------------------------------------------------------------
 # eval
 # ---------------------------------------------------------------------------------------------
-def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None = None, limit: int | None = None,
-                        input_size: int | None = None, data_seed: int | None = None, batch_size: int = 256,
-                        backend: str = "auto", amp: str = "off", device=None, channels_last: bool = False) -> dict:
+def evaluate_checkpoint(
+    path: str,
+    data: str | None = None,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    input_size: int | None = None,
+    data_seed: int | None = None,
+    batch_size: int = 256,
+    backend: str = "auto",
+    amp: str = "off",
+    device=None,
+    channels_last: bool = False,
+) -> dict:
     """Test-split metrics of the checkpoint ``path`` (a training checkpoint or seed weights). Data
     settings default to those the run trained with (STL-10 at 224x224 for seed weights)."""
     from alexnet_fast import checkpoint
@@ -570,13 +662,24 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     model, config = checkpoint.load_model(path, backend=backend, device=device)
     saved = config or {}
     data = data or saved.get("data", "stl10")
-    test_set = load_dataset(data, "test", data_dir or saved.get("data_dir", "./data"),
-                            limit if limit is not None else saved.get("limit"),
-                            data_seed if data_seed is not None else saved.get("data_seed", 0))
+    test_set = load_dataset(
+        data,
+        "test",
+        data_dir or saved.get("data_dir", "./data"),
+        limit if limit is not None else saved.get("limit"),
+        data_seed if data_seed is not None else saved.get("data_seed", 0),
+    )
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loader = DeviceLoader(test_set, batch_size, train=False, input_size=input_size or saved.get("input_size", 224),
-                          device=device, dtype=amp_dtype(amp) or torch.float32, channels_last=channels_last)
+    loader = DeviceLoader(
+        test_set,
+        batch_size,
+        train=False,
+        input_size=input_size or saved.get("input_size", 224),
+        device=device,
+        dtype=amp_dtype(amp) or torch.float32,
+        channels_last=channels_last,
+    )
     return evaluate_classification(loader, model, nn.CrossEntropyLoss(), device, amp=amp)
 
 
@@ -592,31 +695,48 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, help=f"kernels the model runs (default {d.backend})")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     p.add_argument("--amp", choices=AMP_CHOICES, help=f"autocast dtype (default {d.amp})")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                   help="channels_last model and inputs")
+    p.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, help="channels_last model and inputs"
+    )
     p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
     p.add_argument("--batch-size", type=int, help=f"images per step and process (default {d.batch_size})")
     p.add_argument("--lr", type=float, help=f"SGD learning rate (default {d.lr})")
     p.add_argument("--momentum", type=float, help=f"default {d.momentum}")
     p.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
-    p.add_argument("--data", choices=("synthetic", "stl10"),
-                   help="synthetic: the embedded STL-10-shaped dataset; stl10: the binary release "
-                        f"in --data-dir (default {d.data})")
+    p.add_argument(
+        "--data",
+        choices=("synthetic", "stl10"),
+        help="synthetic: the embedded STL-10-shaped dataset; stl10: the binary release "
+        f"in --data-dir (default {d.data})",
+    )
     p.add_argument("--data-dir", help=f"folder holding stl10_binary/ (default {d.data_dir})")
     p.add_argument("--limit", type=int, help="use at most N training and N test images")
     p.add_argument("--data-seed", type=int, help=f"seed of the synthetic dataset (default {d.data_seed})")
-    p.add_argument("--input-size", type=int, help=f"images are resized to this square size (default {d.input_size})")
-    p.add_argument("--seed", type=int, help=f"seed of initialization, shuffling, flips, dropout (default {d.seed})")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU when there is one; under torchrun "
-                                    "each process's own)")
+    p.add_argument(
+        "--input-size", type=int, help=f"images are resized to this square size (default {d.input_size})"
+    )
+    p.add_argument(
+        "--seed", type=int, help=f"seed of initialization, shuffling, flips, dropout (default {d.seed})"
+    )
+    p.add_argument(
+        "--device",
+        help="cpu, cuda or cuda:N (default: the GPU when there is one; under torchrun each process's own)",
+    )
     p.add_argument("--out", help="run folder for metrics, curves and checkpoints (default runs/train)")
-    p.add_argument("--keep-checkpoints", type=int,
-                   help=f"keep the newest N epoch_NNN.pt files, 0 for all (default {d.keep_checkpoints}; "
-                        "each holds weights and momentum, about 470 MB)")
+    p.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        help=f"keep the newest N epoch_NNN.pt files, 0 for all (default {d.keep_checkpoints}; "
+        "each holds weights and momentum, about 470 MB)",
+    )
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars (default on)")
-    p.add_argument("--recipe", choices=tuple(RECIPES), default="seed",
-                   help="seed: the seed's recipe (batch 64, lr 1e-3, fp32); fast: for a GPU, batch 256, "
-                        "lr 4e-3, --amp bf16, --channels-last; explicit flags override it")
+    p.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default="seed",
+        help="seed: the seed's recipe (batch 64, lr 1e-3, fp32); fast: for a GPU, batch 256, "
+        "lr 4e-3, --amp bf16, --channels-last; explicit flags override it",
+    )
     p.add_argument("--resume", metavar="PATH", help="continue the run of this checkpoint (e.g. RUN/last.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
 
@@ -646,12 +766,23 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    m = evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir, limit=args.limit,
-                            input_size=args.input_size, data_seed=args.data_seed, batch_size=args.batch_size,
-                            backend=args.backend, amp=args.amp, device=args.device,
-                            channels_last=args.channels_last)
-    print(f"test: {m['images']} images | loss {m['loss']:.4f} | top-1 {m['acc1']:.2f}% | "
-          f"top-3 {m['acc3']:.2f}% | top-5 {m['acc5']:.2f}%")
+    m = evaluate_checkpoint(
+        args.checkpoint,
+        data=args.data,
+        data_dir=args.data_dir,
+        limit=args.limit,
+        input_size=args.input_size,
+        data_seed=args.data_seed,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        amp=args.amp,
+        device=args.device,
+        channels_last=args.channels_last,
+    )
+    print(
+        f"test: {m['images']} images | loss {m['loss']:.4f} | top-1 {m['acc1']:.2f}% | "
+        f"top-3 {m['acc3']:.2f}% | top-5 {m['acc5']:.2f}%"
+    )
     return 0
 
 
@@ -659,8 +790,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     from alexnet_fast.backends import BACKENDS
 
     p.add_argument("--checkpoint", required=True, help="a training checkpoint or a seed state_dict")
-    p.add_argument("--data", choices=("synthetic", "stl10"),
-                   help="default: the checkpoint's training data (stl10 for seed weights)")
+    p.add_argument(
+        "--data",
+        choices=("synthetic", "stl10"),
+        help="default: the checkpoint's training data (stl10 for seed weights)",
+    )
     p.add_argument("--data-dir", help="folder holding stl10_binary/ (default: the checkpoint's, else ./data)")
     p.add_argument("--limit", type=int, help="use at most N test images (default: the checkpoint's)")
     p.add_argument("--data-seed", type=int, help="seed of the synthetic dataset (default: the checkpoint's)")
@@ -674,8 +808,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_commands(subparsers) -> None:
     """Add the ``train`` and ``eval`` subcommands to the ``alexnet-fast`` parser."""
-    p = subparsers.add_parser("train", help="train AlexNet (synthetic data or STL-10); multi-GPU under torchrun",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "train",
+        help="train AlexNet (synthetic data or STL-10); multi-GPU under torchrun",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_train_arguments(p)
     p.set_defaults(func=_cmd_train)
     p = subparsers.add_parser("eval", help="loss and top-1/3/5 of a checkpoint on the test split")
@@ -685,8 +823,11 @@ def add_commands(subparsers) -> None:
 
 def main(argv=None) -> int:
     """``python -m alexnet_fast.train [train flags]`` (what torchrun runs)."""
-    parser = argparse.ArgumentParser(prog="python -m alexnet_fast.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m alexnet_fast.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_train_arguments(parser)
     return _cmd_train(parser.parse_args(argv))
 

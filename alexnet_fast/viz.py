@@ -10,9 +10,9 @@ The seed's names are kept: ``denormalize_rgb``, ``show_batch_images_rgb``,
 ``feature_maps`` recomputes the intermediate results (before the ReLU, after the LRN) from a
 layer's input.
 """
+
 from __future__ import annotations
 
-import argparse
 import math
 import os
 
@@ -68,8 +68,16 @@ def _class_name(label: int, class_names) -> str:
     return class_names[label] if class_names is not None else str(label)
 
 
-def show_batch_images_rgb(images, labels, preds=None, n: int = 16, title: str | None = None, class_names=None,
-                          save_path: str | None = None, cols: int = 8):
+def show_batch_images_rgb(
+    images,
+    labels,
+    preds=None,
+    n: int = 16,
+    title: str | None = None,
+    class_names=None,
+    save_path: str | None = None,
+    cols: int = 8,
+):
     """A grid of the first ``n`` normalized images with their labels (and predictions, green when
     right, red when wrong)."""
     n = min(n, len(images))
@@ -84,8 +92,11 @@ def show_batch_images_rgb(images, labels, preds=None, n: int = 16, title: str | 
             ax.set_title(f"y={_class_name(y, class_names)}", fontsize=9)
         else:
             p = int(preds[i])
-            ax.set_title(f"y={_class_name(y, class_names)}\npred={_class_name(p, class_names)}", fontsize=9,
-                         color="green" if p == y else "red")
+            ax.set_title(
+                f"y={_class_name(y, class_names)}\npred={_class_name(p, class_names)}",
+                fontsize=9,
+                color="green" if p == y else "red",
+            )
     return _finish(fig, save_path)
 
 
@@ -95,15 +106,24 @@ def _model_device_dtype(model):
 
 
 @torch.no_grad()
-def visualize_test_predictions_rgb(model, test_loader, device=None, n: int = 16, only_errors: bool = False,
-                                   class_names=None, save_path: str | None = None):
+def visualize_test_predictions_rgb(
+    model,
+    test_loader,
+    device=None,
+    n: int = 16,
+    only_errors: bool = False,
+    class_names=None,
+    save_path: str | None = None,
+):
     """Run ``model`` over ``test_loader`` and show ``n`` images with true and predicted labels
     (only misclassified ones with ``only_errors``). Class names default to the loader's
     ``classes``."""
     model_device, dtype = _model_device_dtype(model)
     device = torch.device(device) if device is not None else model_device
     if class_names is None:
-        class_names = getattr(test_loader, "classes", None) or getattr(getattr(test_loader, "dataset", None), "classes", None)
+        class_names = getattr(test_loader, "classes", None) or getattr(
+            getattr(test_loader, "dataset", None), "classes", None
+        )
     model.eval()
     images, labels, preds = [], [], []
     seen = 0
@@ -122,10 +142,14 @@ def visualize_test_predictions_rgb(model, test_loader, device=None, n: int = 16,
         fig, axes = _grid(1, 1, cell=(4.0, 1.5))
         axes[0].text(0.5, 0.5, f"no misclassified images among {seen} test images", ha="center", va="center")
         return _finish(fig, save_path)
-    title = (f"misclassified test images ({len(labels) if len(labels) < n else f'first {n}'} of {seen} seen)"
-             if only_errors else "test images: true (y) and predicted labels")
-    return show_batch_images_rgb(images, labels, preds, n=n, title=title, class_names=class_names,
-                                 save_path=save_path)
+    title = (
+        f"misclassified test images ({len(labels) if len(labels) < n else f'first {n}'} of {seen} seen)"
+        if only_errors
+        else "test images: true (y) and predicted labels"
+    )
+    return show_batch_images_rgb(
+        images, labels, preds, n=n, title=title, class_names=class_names, save_path=save_path
+    )
 
 
 def _first_conv(layer):
@@ -141,10 +165,15 @@ def _first_conv(layer):
         return layer.weight
     if isinstance(layer, torch.Tensor) and layer.dim() == 4:
         return layer
-    raise TypeError(f"layer must be an AlexNet, a ConvReLU, an nn.Conv2d or a 4-D weight tensor, got {type(layer).__name__}")
+    raise TypeError(
+        f"layer must be an AlexNet, a ConvReLU, an nn.Conv2d or a 4-D weight tensor, "
+        f"got {type(layer).__name__}"
+    )
 
 
-def visualize_conv_filters(layer, num_filters: int | None = None, save_path: str | None = None, cols: int = 12):
+def visualize_conv_filters(
+    layer, num_filters: int | None = None, save_path: str | None = None, cols: int = 12
+):
     """The filters of a convolution (by default AlexNet's first layer, 96 RGB 11x11 filters), each
     scaled to its own range; filters with other than 3 input channels show their channel mean."""
     weight = _first_conv(layer).detach().float().cpu()
@@ -152,8 +181,9 @@ def visualize_conv_filters(layer, num_filters: int | None = None, save_path: str
     weight = weight[:num_filters]
     rgb = weight.shape[1] == 3
     shown = _unit_range(weight if rgb else weight.mean(1, keepdim=True), (1, 2, 3))
-    fig, axes = _grid(num_filters, cols, cell=(1.0, 1.05),
-                      title=f"{num_filters} filters, {tuple(weight.shape[1:])} each")
+    fig, axes = _grid(
+        num_filters, cols, cell=(1.0, 1.05), title=f"{num_filters} filters, {tuple(weight.shape[1:])} each"
+    )
     for i in range(num_filters):
         img = shown[i].permute(1, 2, 0).numpy()
         axes[i].imshow(img if rgb else img[..., 0], cmap=None if rgb else "gray", interpolation="nearest")
@@ -194,7 +224,9 @@ def feature_maps(model, image: torch.Tensor, layer_idx: int, stage: str = "outpu
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     layer = model.features[layer_idx]
     if stage == "pre_relu" and not isinstance(layer, ConvReLU):
-        raise ValueError(f"stage 'pre_relu' needs a conv layer; features[{layer_idx}] is {type(layer).__name__}")
+        raise ValueError(
+            f"stage 'pre_relu' needs a conv layer; features[{layer_idx}] is {type(layer).__name__}"
+        )
     if stage == "lrn" and not (isinstance(layer, LRNMaxPool) and layer.lrn):
         raise ValueError(f"stage 'lrn' needs an LRN layer; features[{layer_idx}] is {type(layer).__name__}")
     if image.dim() == 3:
@@ -216,8 +248,16 @@ def feature_maps(model, image: torch.Tensor, layer_idx: int, stage: str = "outpu
     return x[0].float().cpu()
 
 
-def visualize_feature_maps(model, layer_idx: int, input_image: torch.Tensor, device=None, num_maps: int = 16,
-                           stage: str = "output", save_path: str | None = None, cols: int = 8):
+def visualize_feature_maps(
+    model,
+    layer_idx: int,
+    input_image: torch.Tensor,
+    device=None,
+    num_maps: int = 16,
+    stage: str = "output",
+    save_path: str | None = None,
+    cols: int = 8,
+):
     """The first ``num_maps`` channels of :func:`feature_maps` for one image, each scaled to its
     own range (all-zero channels, common after ReLU, show as black and say so)."""
     if device is not None:
@@ -231,7 +271,9 @@ def visualize_feature_maps(model, layer_idx: int, input_image: torch.Tensor, dev
     for c in range(num_maps):
         axes[c].imshow(shown[c].numpy(), cmap="viridis", vmin=0, vmax=1)
         peak = maps[c].abs().max().item()
-        axes[c].set_title(f"ch {c}" + (" (all 0)" if peak == 0 else f" max {maps[c].max().item():.2g}"), fontsize=8)
+        axes[c].set_title(
+            f"ch {c}" + (" (all 0)" if peak == 0 else f" max {maps[c].max().item():.2g}"), fontsize=8
+        )
     return _finish(fig, save_path)
 
 
@@ -269,8 +311,9 @@ def project_embeddings(embeddings, method: str = "tsne", seed: int = 0):
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(reduced)
 
 
-def plot_embeddings(embeddings, labels, method: str = "tsne", class_names=None, seed: int = 0,
-                    save_path: str | None = None):
+def plot_embeddings(
+    embeddings, labels, method: str = "tsne", class_names=None, seed: int = 0, save_path: str | None = None
+):
     """2-D t-SNE or PCA map of the embeddings, one colour per class."""
     import numpy as np
     from matplotlib.figure import Figure
@@ -282,11 +325,19 @@ def plot_embeddings(embeddings, labels, method: str = "tsne", class_names=None, 
     classes = range(len(class_names)) if class_names is not None else sorted(set(labels.tolist()))
     for c in classes:
         sel = labels == c
-        ax.scatter(points[sel, 0], points[sel, 1], s=8, alpha=0.75, color=f"C{c % 10}" if c < 10 else None,
-                   label=_class_name(c, class_names))
+        ax.scatter(
+            points[sel, 0],
+            points[sel, 1],
+            s=8,
+            alpha=0.75,
+            color=f"C{c % 10}" if c < 10 else None,
+            label=_class_name(c, class_names),
+        )
     ax.legend(markerscale=2, fontsize=8, loc="best")
-    ax.set_title(f"{'t-SNE' if method == 'tsne' else 'PCA'} of {embeddings.shape[1]}-d embeddings "
-                 f"({len(labels)} test images)")
+    ax.set_title(
+        f"{'t-SNE' if method == 'tsne' else 'PCA'} of {embeddings.shape[1]}-d embeddings "
+        f"({len(labels)} test images)"
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     return _finish(fig, save_path)
@@ -299,7 +350,9 @@ def confusion_matrix(preds, labels, num_classes: int):
     preds, labels = np.asarray(preds, dtype=np.int64), np.asarray(labels, dtype=np.int64)
     if preds.shape != labels.shape:
         raise ValueError(f"preds and labels must have the same shape, got {preds.shape} and {labels.shape}")
-    return np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
 
 
 def plot_confusion_matrix(cm, class_names=None, save_path: str | None = None):
@@ -321,8 +374,15 @@ def plot_confusion_matrix(cm, class_names=None, save_path: str | None = None):
     ax.set(xlabel="predicted", ylabel="true")
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if share[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if share[i, j] > 0.5 else "black",
+            )
     accuracy = np.trace(cm) / max(cm.sum(), 1) * 100
     ax.set_title(f"confusion matrix: {cm.sum()} test images, top-1 {accuracy:.1f}%")
     return _finish(fig, save_path)
@@ -331,8 +391,16 @@ def plot_confusion_matrix(cm, class_names=None, save_path: str | None = None):
 # ---------------------------------------------------------------------------------------------
 # alexnet-fast viz
 # ---------------------------------------------------------------------------------------------
-def write_all(model, train_loader, test_loader, out_dir: str, projections=("tsne",), layers=None,
-              image_index: int = 0, num_images: int = 16) -> list[str]:
+def write_all(
+    model,
+    train_loader,
+    test_loader,
+    out_dir: str,
+    projections=("tsne",),
+    layers=None,
+    image_index: int = 0,
+    num_images: int = 16,
+) -> list[str]:
     """Write every picture for ``model`` into ``out_dir``; returns the paths written."""
     from alexnet_fast.train import evaluate_classification
 
@@ -345,12 +413,20 @@ def write_all(model, train_loader, test_loader, out_dir: str, projections=("tsne
         return written[-1]
 
     x, y = next(iter(train_loader))
-    show_batch_images_rgb(x, y, n=num_images, title="training batch (augmented, denormalized)",
-                          class_names=classes, save_path=path("batch.png"))
-    visualize_test_predictions_rgb(model, test_loader, n=num_images, class_names=classes,
-                                   save_path=path("predictions.png"))
-    visualize_test_predictions_rgb(model, test_loader, n=num_images, only_errors=True, class_names=classes,
-                                   save_path=path("errors.png"))
+    show_batch_images_rgb(
+        x,
+        y,
+        n=num_images,
+        title="training batch (augmented, denormalized)",
+        class_names=classes,
+        save_path=path("batch.png"),
+    )
+    visualize_test_predictions_rgb(
+        model, test_loader, n=num_images, class_names=classes, save_path=path("predictions.png")
+    )
+    visualize_test_predictions_rgb(
+        model, test_loader, n=num_images, only_errors=True, class_names=classes, save_path=path("errors.png")
+    )
     visualize_conv_filters(model, save_path=path("filters.png"))
     test_images = test_loader.images
     if not 0 <= image_index < test_images.shape[0]:
@@ -358,10 +434,15 @@ def write_all(model, train_loader, test_loader, out_dir: str, projections=("tsne
     image = next(iter(_single_image_loader(test_loader, image_index)))
     for idx, stage, _ in layer_stages(model):
         if layers is None or idx in layers:
-            visualize_feature_maps(model, idx, image, stage=stage,
-                                   save_path=path(f"feature_maps_{idx:02d}_{stage}.png"))
-    _, preds, labels, _ = evaluate_classification(test_loader, model, torch.nn.CrossEntropyLoss(), return_preds=True)
-    plot_confusion_matrix(confusion_matrix(preds, labels, len(classes)), classes, save_path=path("confusion_matrix.png"))
+            visualize_feature_maps(
+                model, idx, image, stage=stage, save_path=path(f"feature_maps_{idx:02d}_{stage}.png")
+            )
+    _, preds, labels, _ = evaluate_classification(
+        test_loader, model, torch.nn.CrossEntropyLoss(), return_preds=True
+    )
+    plot_confusion_matrix(
+        confusion_matrix(preds, labels, len(classes)), classes, save_path=path("confusion_matrix.png")
+    )
     embeddings, emb_labels = get_embeddings(model, test_loader)
     for method in projections:
         plot_embeddings(embeddings, emb_labels, method, classes, save_path=path(f"embeddings_{method}.png"))
@@ -372,9 +453,16 @@ def _single_image_loader(loader, index: int):
     """The normalized test image ``index`` of a DeviceLoader, through the loader's own pipeline."""
     from alexnet_fast.data import DeviceLoader, ImageArrays
 
-    arrays = ImageArrays(loader.images[index:index + 1], loader.labels[index:index + 1], loader.classes)
-    single = DeviceLoader(arrays, 1, train=False, input_size=loader.input_size, device=loader.device,
-                          dtype=loader.dtype, channels_last=loader.channels_last)
+    arrays = ImageArrays(loader.images[index : index + 1], loader.labels[index : index + 1], loader.classes)
+    single = DeviceLoader(
+        arrays,
+        1,
+        train=False,
+        input_size=loader.input_size,
+        device=loader.device,
+        dtype=loader.dtype,
+        channels_last=loader.channels_last,
+    )
     return (x[0] for x, _ in single)
 
 
@@ -391,14 +479,20 @@ def _cmd_viz(args) -> int:
     data_seed = args.data_seed if args.data_seed is not None else saved.get("data_seed", 0)
     input_size = args.input_size or saved.get("input_size", 224)
     common = dict(input_size=input_size, device=device)
-    train_loader = DeviceLoader(load_dataset(data, "train", data_dir, args.num_images, data_seed), args.num_images,
-                                train=True, **common)
-    test_loader = DeviceLoader(load_dataset(data, "test", data_dir, limit, data_seed), args.batch_size,
-                               train=False, **common)
+    train_loader = DeviceLoader(
+        load_dataset(data, "train", data_dir, args.num_images, data_seed),
+        args.num_images,
+        train=True,
+        **common,
+    )
+    test_loader = DeviceLoader(
+        load_dataset(data, "test", data_dir, limit, data_seed), args.batch_size, train=False, **common
+    )
     layers = None if args.layers == "all" else {int(v) for v in args.layers.split(",")}
     projections = ("tsne", "pca") if args.projection == "both" else (args.projection,)
-    for p in write_all(model, train_loader, test_loader, args.out, projections, layers, args.image_index,
-                       args.num_images):
+    for p in write_all(
+        model, train_loader, test_loader, args.out, projections, layers, args.image_index, args.num_images
+    ):
         print(p)
     return 0
 
@@ -407,19 +501,29 @@ def add_commands(subparsers) -> None:
     """Add the ``viz`` subcommand to the ``alexnet-fast`` parser."""
     from alexnet_fast.backends import BACKENDS
 
-    p = subparsers.add_parser("viz", help="PNG pictures of data, predictions, filters, feature maps, embeddings")
+    p = subparsers.add_parser(
+        "viz", help="PNG pictures of data, predictions, filters, feature maps, embeddings"
+    )
     p.add_argument("--checkpoint", required=True, help="a training checkpoint or a seed state_dict")
     p.add_argument("--out", required=True, help="folder for the PNG files")
-    p.add_argument("--data", choices=("synthetic", "stl10"),
-                   help="default: the checkpoint's training data (stl10 for seed weights)")
+    p.add_argument(
+        "--data",
+        choices=("synthetic", "stl10"),
+        help="default: the checkpoint's training data (stl10 for seed weights)",
+    )
     p.add_argument("--data-dir", help="folder holding stl10_binary/ (default: the checkpoint's, else ./data)")
     p.add_argument("--limit", type=int, help="use at most N test images (default: the checkpoint's)")
     p.add_argument("--data-seed", type=int, help="seed of the synthetic dataset (default: the checkpoint's)")
     p.add_argument("--input-size", type=int, help="default: the checkpoint's, else 224")
-    p.add_argument("--projection", choices=("tsne", "pca", "both"), default="tsne",
-                   help="how to map the 9216-d embeddings to 2-D (default tsne)")
-    p.add_argument("--layers", default="all",
-                   help="features indices whose maps to draw, e.g. 0,1 (default all)")
+    p.add_argument(
+        "--projection",
+        choices=("tsne", "pca", "both"),
+        default="tsne",
+        help="how to map the 9216-d embeddings to 2-D (default tsne)",
+    )
+    p.add_argument(
+        "--layers", default="all", help="features indices whose maps to draw, e.g. 0,1 (default all)"
+    )
     p.add_argument("--image-index", type=int, default=0, help="test image whose feature maps to draw")
     p.add_argument("--num-images", type=int, default=16, help="images per grid")
     p.add_argument("--batch-size", type=int, default=128)

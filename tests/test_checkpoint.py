@@ -1,4 +1,5 @@
 """Checkpoint files: atomic writes, validated reads with clear errors, seed state_dicts."""
+
 import os
 import pickle
 
@@ -11,9 +12,15 @@ from alexnet_fast.checkpoint import CheckpointError
 
 def _state(value=1.0):
     """A small but complete training-checkpoint state."""
-    return {"model": {"w": torch.full((3,), value)}, "optimizer": {"state": {}, "param_groups": []},
-            "scheduler": {"best": 0.0}, "rng": [{"cpu": torch.get_rng_state(), "cuda": None}], "epoch": 2,
-            "config": {"lr": 0.01}, "history": [{"epoch": 1, "train_loss": 2.0}]}
+    return {
+        "model": {"w": torch.full((3,), value)},
+        "optimizer": {"state": {}, "param_groups": []},
+        "scheduler": {"best": 0.0},
+        "rng": [{"cpu": torch.get_rng_state(), "cuda": None}],
+        "epoch": 2,
+        "config": {"lr": 0.01},
+        "history": [{"epoch": 1, "train_loss": 2.0}],
+    }
 
 
 def test_save_then_load_round_trip(tmp_path):
@@ -65,8 +72,12 @@ def test_damaged_files_give_a_clear_error(tmp_path, damage):
     path = str(tmp_path / "ckpt.pt")
     checkpoint.save_checkpoint(path, _state())
     raw = open(path, "rb").read()
-    content = {"random_bytes": bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).tolist()),
-               "truncated": raw[: len(raw) // 2], "empty": b"", "text": b"epoch=3\n"}[damage]
+    content = {
+        "random_bytes": bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).tolist()),
+        "truncated": raw[: len(raw) // 2],
+        "empty": b"",
+        "text": b"epoch=3\n",
+    }[damage]
     with open(path, "wb") as f:
         f.write(content)
     for load in (checkpoint.load_training_checkpoint, checkpoint.load_weights):
@@ -126,7 +137,9 @@ def test_weights_only_files_cannot_resume_but_load_for_eval(tmp_path):
 
 def test_weights_that_are_not_alexnet(tmp_path):
     path = str(tmp_path / "other.pt")
-    torch.save({"classifier.classifier.6.weight": torch.randn(10, 4096), "conv.weight": torch.randn(2, 2)}, path)
+    torch.save(
+        {"classifier.classifier.6.weight": torch.randn(10, 4096), "conv.weight": torch.randn(2, 2)}, path
+    )
     with pytest.raises(CheckpointError, match="do not fit AlexNet"):
         checkpoint.load_model(path)
     torch.save({"fc.weight": torch.randn(10, 5)}, path)

@@ -1,4 +1,5 @@
 """Multi-process training through torchrun: two CPU processes with the gloo backend."""
+
 import os
 import subprocess
 import sys
@@ -16,17 +17,42 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_torchrun_two_processes_on_the_cpu(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "alexnet_fast.train", "--device", "cpu", "--backend", "torch", "--data", "synthetic",
-           "--limit", "18", "--batch-size", "4", "--epochs", "1", "--input-size", "72", "--out", str(out),
-           "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "alexnet_fast.train",
+        "--device",
+        "cpu",
+        "--backend",
+        "torch",
+        "--data",
+        "synthetic",
+        "--limit",
+        "18",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--input-size",
+        "72",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("epoch   1/1") == 1  # only rank 0 logs
 
-    row, = read_metrics_csv(str(out / "metrics.csv"))
+    (row,) = read_metrics_csv(str(out / "metrics.csv"))
     # 18 training images: 9 per rank, 3 steps of at most 4 each; metrics summed over both ranks
     assert row["train_images"] == 18 and row["test_images"] == 18
     ckpt = checkpoint.load_training_checkpoint(str(out / "last.pt"))
@@ -39,4 +65,6 @@ def test_torchrun_two_processes_on_the_cpu(tmp_path):
     single = evaluate_checkpoint(str(out / "last.pt"), device="cpu", backend="torch")
     assert single["images"] == 18
     assert single["loss"] == pytest.approx(row["test_loss"], rel=1e-5)
-    assert single["acc1"] == pytest.approx(row["test_acc1"]) and single["acc5"] == pytest.approx(row["test_acc5"])
+    assert single["acc1"] == pytest.approx(row["test_acc1"]) and single["acc5"] == pytest.approx(
+        row["test_acc5"]
+    )

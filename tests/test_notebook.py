@@ -2,6 +2,7 @@
 
 The code cells run in order with plain ``exec`` in one namespace (Jupyter is not a dependency);
 after the cell tagged "parameters" the test shrinks the run, as papermill would."""
+
 import importlib.util
 import json
 import os
@@ -41,7 +42,9 @@ def test_notebook_matches_its_generator():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     with open(NOTEBOOK, encoding="utf-8") as f:
-        assert f.read() == module.render(), "run `python examples/make_walkthrough.py` to regenerate the notebook"
+        assert f.read() == module.render(), (
+            "run `python examples/make_walkthrough.py` to regenerate the notebook"
+        )
 
 
 def test_notebook_runs(tmp_path, monkeypatch):

@@ -3,19 +3,25 @@
 Runs are tiny (a handful of 72x72 images, AlexNet's smallest input is 67) so the whole file stays
 short on two CPU cores; the full-size model is still what trains.
 """
+
 import dataclasses
 import math
 import os
 
 import pytest
 import torch
+from conftest import skip_unless_available
 
 from alexnet_fast import AlexNet, checkpoint, cli, data
 from alexnet_fast.checkpoint import CheckpointError
 from alexnet_fast.metrics import COLUMNS, read_metrics_csv, topk_correct
-from alexnet_fast.train import (TrainConfig, config_from_args, evaluate_classification, fit,
-                                train_epoch_classification)
-from conftest import skip_unless_available
+from alexnet_fast.train import (
+    TrainConfig,
+    config_from_args,
+    evaluate_classification,
+    fit,
+    train_epoch_classification,
+)
 
 TIMING = ("images_per_s", "ms_per_step", "epoch_s")
 
@@ -41,18 +47,23 @@ def test_topk_correct_against_brute_force():
 
 def test_seed_loop_functions_with_a_dataloader():
     """The seed's functions work on a plain DataLoader with per-image transforms."""
-    train_dl, test_dl = data.get_stl10_loaders(batch_size=4, input_size=72, dataset="synthetic", limit=8,
-                                               pipeline="dataloader")
+    train_dl, test_dl = data.get_stl10_loaders(
+        batch_size=4, input_size=72, dataset="synthetic", limit=8, pipeline="dataloader"
+    )
     model = AlexNet(backend="torch")
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
     criterion = torch.nn.CrossEntropyLoss()
     losses = []
-    m = train_epoch_classification(train_dl, model, optimizer, criterion, "cpu", progress=False, step_losses=losses)
+    m = train_epoch_classification(
+        train_dl, model, optimizer, criterion, "cpu", progress=False, step_losses=losses
+    )
     assert m["images"] == 8 and len(losses) == 2
     assert math.isclose(m["loss"], sum(float(v) for v in losses) / 2, rel_tol=1e-6)
     assert 0 <= m["acc1"] <= m["acc3"] <= m["acc5"] <= 100
     assert m["images_per_s"] > 0 and m["ms_per_step"] > 0
-    metrics, preds, labels, probs = evaluate_classification(test_dl, model, criterion, "cpu", return_preds=True)
+    metrics, preds, labels, probs = evaluate_classification(
+        test_dl, model, criterion, "cpu", return_preds=True
+    )
     assert len(preds) == len(labels) == len(probs) == 8 and len(probs[0]) == 10
     assert math.isclose(metrics["acc1"], 100 * sum(p == y for p, y in zip(preds, labels)) / 8)
     assert metrics.keys() == evaluate_classification(test_dl, model, criterion).keys()
@@ -70,8 +81,10 @@ def test_fit_writes_the_run_folder(tmp_path):
     assert open(os.path.join(out, "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(os.path.join(out, "checkpoints")) == ["epoch_002.pt"]  # keep_checkpoints=1
     last = os.path.join(out, "last.pt")
-    assert os.path.samefile(last, os.path.join(out, "checkpoints", "epoch_002.pt")) or \
-        open(last, "rb").read() == open(os.path.join(out, "checkpoints", "epoch_002.pt"), "rb").read()
+    assert (
+        os.path.samefile(last, os.path.join(out, "checkpoints", "epoch_002.pt"))
+        or open(last, "rb").read() == open(os.path.join(out, "checkpoints", "epoch_002.pt"), "rb").read()
+    )
     ckpt = checkpoint.load_training_checkpoint(last)
     assert ckpt["epoch"] == 2 and ckpt["config"]["epochs"] == 2 and ckpt["world_size"] == 1
     assert ckpt["scheduler"]["mode"] == "max" and ckpt["scheduler"]["patience"] == 5
@@ -87,9 +100,11 @@ def test_resume_is_bit_exact(tmp_path):
     assert resumed.out == str(tmp_path / "b")
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
-    assert resumed.step_losses == straight.step_losses[len(straight.step_losses) - len(resumed.step_losses):]
+    assert resumed.step_losses == straight.step_losses[len(straight.step_losses) - len(resumed.step_losses) :]
     for a, b in zip(straight.history, resumed.history):
-        assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+        assert {k: v for k, v in a.items() if k not in TIMING} == {
+            k: v for k, v in b.items() if k not in TIMING
+        }
     opt_a = checkpoint.load_training_checkpoint(str(tmp_path / "a" / "last.pt"))["optimizer"]["state"]
     opt_b = checkpoint.load_training_checkpoint(str(tmp_path / "b" / "last.pt"))["optimizer"]["state"]
     assert all(torch.equal(opt_a[i]["momentum_buffer"], opt_b[i]["momentum_buffer"]) for i in opt_a)
@@ -117,8 +132,13 @@ def test_resume_guards(tmp_path):
 
 
 def test_bad_config():
-    for bad, match in ((dict(input_size=64), "input_size"), (dict(amp="fp8"), "amp"), (dict(data="mnist"), "data"),
-                       (dict(batch_size=0), "batch_size"), (dict(lr=0), "lr")):
+    for bad, match in (
+        (dict(input_size=64), "input_size"),
+        (dict(amp="fp8"), "amp"),
+        (dict(data="mnist"), "data"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(lr=0), "lr"),
+    ):
         with pytest.raises(ValueError, match=match):
             fit(tiny(**bad))
 
@@ -131,11 +151,29 @@ def test_mixed_precision_on_cpu(amp):
 
 def test_cli_train_eval_and_seed_weights(tmp_path, capsys):
     out = str(tmp_path / "run")
-    common = ["--data", "synthetic", "--limit", "8", "--input-size", "72", "--device", "cpu", "--backend", "torch"]
-    assert cli.main(["train", *common, "--batch-size", "4", "--epochs", "1", "--out", out, "--no-progress"]) == 0
+    common = [
+        "--data",
+        "synthetic",
+        "--limit",
+        "8",
+        "--input-size",
+        "72",
+        "--device",
+        "cpu",
+        "--backend",
+        "torch",
+    ]
+    assert (
+        cli.main(["train", *common, "--batch-size", "4", "--epochs", "1", "--out", out, "--no-progress"]) == 0
+    )
     row = read_metrics_csv(os.path.join(out, "metrics.csv"))[0]
     capsys.readouterr()
-    assert cli.main(["eval", "--checkpoint", os.path.join(out, "last.pt"), "--device", "cpu", "--backend", "torch"]) == 0
+    assert (
+        cli.main(
+            ["eval", "--checkpoint", os.path.join(out, "last.pt"), "--device", "cpu", "--backend", "torch"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"loss {row['test_loss']:.4f}" in printed and f"top-1 {row['test_acc1']:.2f}%" in printed
     assert "8 images" in printed
@@ -152,17 +190,25 @@ def test_recipes_and_explicit_flags():
     parser = cli.build_parser()
     config, explicit = config_from_args(parser.parse_args(["train", "--recipe", "fast"]))
     assert (config.batch_size, config.lr, config.amp, config.channels_last) == (256, 4e-3, "bf16", True)
-    config, _ = config_from_args(parser.parse_args(["train", "--recipe", "fast", "--batch-size", "32",
-                                                     "--no-channels-last"]))
+    config, _ = config_from_args(
+        parser.parse_args(["train", "--recipe", "fast", "--batch-size", "32", "--no-channels-last"])
+    )
     assert (config.batch_size, config.channels_last, config.amp) == (32, False, "bf16")
     config, explicit = config_from_args(parser.parse_args(["train"]))
     assert dataclasses.replace(config, out=None) == TrainConfig() and config.out == "runs/train"
     assert (config.lr, config.momentum, config.weight_decay, config.batch_size, config.epochs) == (
-        1e-3, 0.9, 5e-4, 64, 120)
+        1e-3,
+        0.9,
+        5e-4,
+        64,
+        120,
+    )
 
 
-EQUIVALENCE = {"cpu": dict(amp="off", tol=1e-3, input_size=72, limit=48, batch_size=4),
-               "cuda": dict(amp="bf16", tol=2e-2, input_size=224, limit=512, batch_size=32)}
+EQUIVALENCE = {
+    "cpu": dict(amp="off", tol=1e-3, input_size=72, limit=48, batch_size=4),
+    "cuda": dict(amp="bf16", tol=2e-2, input_size=224, limit=512, batch_size=32),
+}
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

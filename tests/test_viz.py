@@ -1,5 +1,6 @@
 """Visualizations: denormalization, feature maps and their stages, dead (all-zero) maps without
 NaNs, confusion matrix, embeddings, and the ``viz`` command's files."""
+
 import os
 
 import numpy as np
@@ -20,7 +21,9 @@ def model():
 
 @pytest.fixture(scope="module")
 def test_loader():
-    return data.DeviceLoader(data.make_synthetic("test", 24, seed=1), 8, train=False, input_size=72, device="cpu")
+    return data.DeviceLoader(
+        data.make_synthetic("test", 24, seed=1), 8, train=False, input_size=72, device="cpu"
+    )
 
 
 def _image_arrays(fig):
@@ -47,8 +50,15 @@ def test_feature_map_stages_agree_with_the_layers(model):
     torch.testing.assert_close(post, pre.clamp_min(0))
     after_lrn = viz.feature_maps(model, image, 1, "lrn")
     pooled = viz.feature_maps(model, image, 1, "output")
-    expected_lrn = torch.nn.functional.local_response_norm(post.unsqueeze(0), **{
-        "size": LRN_PARAMS["size"], "alpha": LRN_PARAMS["alpha"], "beta": LRN_PARAMS["beta"], "k": LRN_PARAMS["k"]})[0]
+    expected_lrn = torch.nn.functional.local_response_norm(
+        post.unsqueeze(0),
+        **{
+            "size": LRN_PARAMS["size"],
+            "alpha": LRN_PARAMS["alpha"],
+            "beta": LRN_PARAMS["beta"],
+            "k": LRN_PARAMS["k"],
+        },
+    )[0]
     torch.testing.assert_close(after_lrn, expected_lrn)
     torch.testing.assert_close(pooled, torch.nn.functional.max_pool2d(after_lrn, **POOL_PARAMS))
     stages = viz.layer_stages(model)
@@ -79,7 +89,9 @@ def test_dead_feature_maps_and_constant_filters_have_no_nans():
         dead.features[0].net[0].weight[:4] = 0.5
     fig = viz.visualize_feature_maps(dead, 0, torch.randn(3, 72, 72), num_maps=8)
     arrays = _image_arrays(fig)
-    assert len(arrays) == 8 and all(np.isfinite(np.asarray(a)).all() and np.asarray(a).max() == 0 for a in arrays)
+    assert len(arrays) == 8 and all(
+        np.isfinite(np.asarray(a)).all() and np.asarray(a).max() == 0 for a in arrays
+    )
     assert "(all 0)" in fig.axes[0].get_title()
     fig = viz.visualize_feature_maps(dead, 1, torch.randn(3, 72, 72), num_maps=4, stage="lrn")
     assert all(np.isfinite(np.asarray(a)).all() for a in _image_arrays(fig))
@@ -155,14 +167,49 @@ def test_viz_command_writes_every_picture(tmp_path, capsys):
     torch.manual_seed(0)
     torch.save(AlexNet().state_dict(), weights)
     out = tmp_path / "pictures"
-    assert cli.main(["viz", "--checkpoint", weights, "--out", str(out), "--data", "synthetic", "--limit", "20",
-                     "--input-size", "72", "--device", "cpu", "--backend", "torch", "--projection", "both",
-                     "--num-images", "8"]) == 0
-    expected = {"batch.png", "predictions.png", "errors.png", "filters.png", "confusion_matrix.png",
-                "embeddings_tsne.png", "embeddings_pca.png",
-                "feature_maps_00_pre_relu.png", "feature_maps_00_output.png", "feature_maps_01_lrn.png",
-                "feature_maps_01_output.png", "feature_maps_07_output.png"}
+    assert (
+        cli.main(
+            [
+                "viz",
+                "--checkpoint",
+                weights,
+                "--out",
+                str(out),
+                "--data",
+                "synthetic",
+                "--limit",
+                "20",
+                "--input-size",
+                "72",
+                "--device",
+                "cpu",
+                "--backend",
+                "torch",
+                "--projection",
+                "both",
+                "--num-images",
+                "8",
+            ]
+        )
+        == 0
+    )
+    expected = {
+        "batch.png",
+        "predictions.png",
+        "errors.png",
+        "filters.png",
+        "confusion_matrix.png",
+        "embeddings_tsne.png",
+        "embeddings_pca.png",
+        "feature_maps_00_pre_relu.png",
+        "feature_maps_00_output.png",
+        "feature_maps_01_lrn.png",
+        "feature_maps_01_output.png",
+        "feature_maps_07_output.png",
+    }
     written = set(os.listdir(out))
-    assert expected <= written and len(written) == len(expected) + 10  # conv2..conv5 stages, conv2's LRN and pool
+    assert (
+        expected <= written and len(written) == len(expected) + 10
+    )  # conv2..conv5 stages, conv2's LRN and pool
     assert all(open(out / name, "rb").read(8) == PNG for name in written)
     assert len(capsys.readouterr().out.splitlines()) == len(written)

@@ -45,6 +45,36 @@ def define_op(name: str, schema: str):
     return decorate
 
 
+def check_input(t, name: str, like: torch.Tensor | None = None, shape=None, dtype=None) -> None:
+    """The argument checks of a direct op call (the public ``alexnet_fast.ops`` check more): a 4-D
+    tensor, floating point unless ``dtype`` says otherwise, on ``like``'s device (and of its dtype
+    when no ``dtype`` is given), of ``shape`` when given."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got {got}")
+    want = dtype or (like.dtype if like is not None else None)
+    if want is not None and t.dtype != want:
+        raise TypeError(f"{name} must be a {want} tensor, got {t.dtype}")
+    if want is None and t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{name} must be on the device of the other inputs ({like.device}), got {t.device}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_pool_args(kernel_size, stride, padding=(0, 0)) -> None:
+    """Pairs of positive kernel and stride, padding at most half the kernel, windows that fit uint8."""
+    for name, v, least in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
+        if len(v) != 2 or min(v) < least:
+            what = "positive" if least else "non-negative"
+            raise ValueError(f"{name} must be 2 {what} ints, got {list(v)}")
+    if kernel_size[0] * kernel_size[1] > 256:
+        raise ValueError(f"kernel_size {list(kernel_size)} has more than 256 elements (indices are uint8)")
+    if any(2 * p > k for p, k in zip(padding, kernel_size)):
+        raise ValueError(f"padding {list(padding)} must be at most half of kernel_size {list(kernel_size)}")
+
+
 def nothing_to_run(out: torch.Tensor) -> bool:
     """Whether an op whose output is ``out`` returns without a launch: an empty output, or a fake
     kernel run under the interpreter (see ``define_op``)."""

@@ -25,9 +25,10 @@ from triton.language.extra import libdevice
 
 import alexnet_fast.autograd
 from alexnet_fast.backends import triton_interpreted
-from alexnet_fast.ops import output_memory_format
-from alexnet_fast.triton._common import (autotune_by_layout, channels_last_variant, define_op, dense, dense_strides,
-                                         launch, load_channels, nothing_to_run, pow2_divisor, store_channels)
+from alexnet_fast.ops import output_memory_format, pool_out_shape
+from alexnet_fast.triton._common import (autotune_by_layout, channels_last_variant, check_input,
+                                         check_pool_args, define_op, dense, dense_strides, launch,
+                                         load_channels, nothing_to_run, pow2_divisor, store_channels)
 from alexnet_fast.triton.pool import needs_wide_offsets, pool_outputs
 
 
@@ -120,8 +121,9 @@ def _program_block(C, HW, CB: tl.constexpr, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _lrn_forward_kernel(x_ptr, out_ptr, C, HW, x_sn, x_sc, x_sp, o_sn, o_sc, o_sp, alpha_over_size, neg_beta, k,
-                        SIZE: tl.constexpr, HALO: tl.constexpr, FAST_POW: tl.constexpr, ALIGN: tl.constexpr,
+def _lrn_forward_kernel(x_ptr, out_ptr, C, HW, x_sn, x_sc, x_sp, o_sn, o_sc, o_sp,
+                        alpha_over_size, neg_beta, k, SIZE: tl.constexpr, HALO: tl.constexpr,
+                        FAST_POW: tl.constexpr, ALIGN: tl.constexpr,
                         BLOCK_P: tl.constexpr, CB: tl.constexpr, CHANNELS_LAST: tl.constexpr):
     # Show the compiler what ALIGN divides (see _common.pow2_divisor): vector loads along pixels.
     HW = HW // ALIGN * ALIGN
@@ -143,8 +145,8 @@ def _lrn_forward_kernel(x_ptr, out_ptr, C, HW, x_sn, x_sc, x_sp, o_sn, o_sc, o_s
 @triton.jit
 def _lrn_backward_kernel(g_ptr, x_ptr, dx_ptr, C, HW, g_sn, g_sc, g_sp, x_sn, x_sc, x_sp, d_sn, d_sc, d_sp,
                          alpha_over_size, neg_beta, k, SIZE: tl.constexpr, GHALO: tl.constexpr,
-                         XHALO: tl.constexpr, FAST_POW: tl.constexpr, ALIGN: tl.constexpr, BLOCK_P: tl.constexpr,
-                         CB: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+                         XHALO: tl.constexpr, FAST_POW: tl.constexpr, ALIGN: tl.constexpr,
+                         BLOCK_P: tl.constexpr, CB: tl.constexpr, CHANNELS_LAST: tl.constexpr):
     HW = HW // ALIGN * ALIGN
     g_sn = g_sn // ALIGN * ALIGN
     g_sc = g_sc // ALIGN * ALIGN
@@ -168,9 +170,11 @@ def _lrn_backward_kernel(g_ptr, x_ptr, dx_ptr, C, HW, g_sn, g_sc, g_sp, x_sn, x_
 
 
 @triton.jit
-def _lrn_max_pool_forward_kernel(x_ptr, out_ptr, idx_ptr, C, OH, OW, x_sn, x_sc, x_sh, x_sw, o_sn, o_sc, o_sh, o_sw,
+def _lrn_max_pool_forward_kernel(x_ptr, out_ptr, idx_ptr, C, OH, OW, x_sn, x_sc, x_sh, x_sw,
+                                 o_sn, o_sc, o_sh, o_sw,
                                  alpha_over_size, neg_beta, k, SIZE: tl.constexpr, HALO: tl.constexpr,
-                                 FAST_POW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                                 FAST_POW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                                 SH: tl.constexpr, SW: tl.constexpr,
                                  WIDE: tl.constexpr, BLOCK_P: tl.constexpr, CB: tl.constexpr,
                                  CHANNELS_LAST: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -217,7 +221,8 @@ def _lrn_max_pool_backward_kernel(g_ptr, x_ptr, idx_ptr, dx_ptr, C, H, W, OH, OW
                                   g_sn, g_sc, g_sh, g_sw, x_sn, x_sc, x_sh, x_sw, i_sn, i_sc, i_sh, i_sw,
                                   d_sn, d_sc, d_sh, d_sw, alpha_over_size, neg_beta, k,
                                   SIZE: tl.constexpr, GHALO: tl.constexpr, XHALO: tl.constexpr,
-                                  FAST_POW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                                  FAST_POW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                                  SH: tl.constexpr, SW: tl.constexpr,
                                   WIDE: tl.constexpr, BLOCK_P: tl.constexpr, CB: tl.constexpr,
                                   CHANNELS_LAST: tl.constexpr):
     """Input cells of SH x SW pixels as in pool.py's backward; the pixel at (a, b) of a cell takes
@@ -252,17 +257,19 @@ def _lrn_max_pool_backward_kernel(g_ptr, x_ptr, idx_ptr, dx_ptr, C, H, W, OH, OW
                             oh = cy - t
                             ow = cx - u
                             wm = pm & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
-                            ks = _load_with_halo(ix, oh * i_sh + ow * i_sw, wm, c0, C, i_sc, GHALO, CB, BLOCK_P,
-                                                 CHANNELS_LAST, tl.int32)
-                            gs = _load_with_halo(g, oh * g_sh + ow * g_sw, wm, c0, C, g_sc, GHALO, CB, BLOCK_P,
-                                                 CHANNELS_LAST, ACC)
+                            ks = _load_with_halo(ix, oh * i_sh + ow * i_sw, wm, c0, C, i_sc, GHALO, CB,
+                                                 BLOCK_P, CHANNELS_LAST, tl.int32)
+                            gs = _load_with_halo(g, oh * g_sh + ow * g_sw, wm, c0, C, g_sc, GHALO, CB,
+                                                 BLOCK_P, CHANNELS_LAST, ACC)
                             summed = ()
                             for i in tl.static_range(CB + 2 * GHALO):
                                 hit = ks[i] == (a + t * SH) * KW + b + u * SW
                                 summed = summed + (dys[i] + tl.where(hit, gs[i], 0),)
                             dys = summed
-            xs = _load_with_halo(x, ih * x_sh + iw * x_sw, pm, c0, C, x_sc, XHALO, CB, BLOCK_P, CHANNELS_LAST, ACC)
-            dxs = _lrn_backward_values(xs, XHALO, dys, GHALO, CB, SIZE, alpha_over_size, neg_beta, k, FAST_POW)
+            xs = _load_with_halo(x, ih * x_sh + iw * x_sw, pm, c0, C, x_sc, XHALO, CB, BLOCK_P, CHANNELS_LAST,
+                                 ACC)
+            dxs = _lrn_backward_values(xs, XHALO, dys, GHALO, CB, SIZE, alpha_over_size, neg_beta, k,
+                                       FAST_POW)
             store_channels(dx, ih * d_sh + iw * d_sw, pm, dxs, c0, C, d_sc, CB, BLOCK_P, CHANNELS_LAST)
 
 
@@ -278,9 +285,11 @@ def _P(kwargs, channels_last, num_warps=4):
 _LRN_FORWARD = autotune_by_layout(
     _lrn_forward_kernel, ["C", "HW", "SIZE"],
     pixel_configs=[_P({"BLOCK_P": p, "CB": cb}, False, w)
-                   for p, cb, w in ((512, 8, 4), (1024, 8, 4), (1024, 8, 8), (512, 16, 4), (1024, 16, 8), (256, 16, 2))],
+                   for p, cb, w in ((512, 8, 4), (1024, 8, 4), (1024, 8, 8), (512, 16, 4), (1024, 16, 8),
+                                    (256, 16, 2))],
     channel_configs=[_P({"BLOCK_P": p, "CB": cb}, True, w)
-                     for p, cb, w in ((64, 32, 2), (128, 32, 4), (128, 16, 4), (256, 16, 8), (32, 64, 1), (64, 64, 2))],
+                     for p, cb, w in ((64, 32, 2), (128, 32, 4), (128, 16, 4), (256, 16, 8), (32, 64, 1),
+                                      (64, 64, 2))],
     interpreter_configs=(_P({"BLOCK_P": 16, "CB": 4}, False), _P({"BLOCK_P": 8, "CB": 4}, True)),
 )
 _LRN_BACKWARD = autotune_by_layout(
@@ -308,6 +317,11 @@ _FUSED_BACKWARD = autotune_by_layout(
     interpreter_configs=(_P({"BLOCK_P": 16, "CB": 4}, False), _P({"BLOCK_P": 8, "CB": 4}, True)),
 )
 
+def _check_size(size: int) -> None:
+    if size < 1:
+        raise ValueError(f"size must be a positive int, got {size}")
+
+
 def _fast_pow(x: Tensor) -> bool:
     """The hardware log2 for float32 math on the GPU (the interpreter has no libdevice)."""
     return x.dtype != torch.float64 and not triton_interpreted()
@@ -328,6 +342,8 @@ def _grid(n: int, c: int, hw: int):
 @define_op("alexnet_fast_triton::lrn",
            "(Tensor x, int size, float alpha, float beta, float k) -> Tensor")
 def lrn(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
+    check_input(x, "x")
+    _check_size(size)
     out = torch.empty_like(x, memory_format=output_memory_format(x))
     if nothing_to_run(out):
         return out
@@ -343,6 +359,9 @@ def lrn(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
 @define_op("alexnet_fast_triton::lrn_backward",
            "(Tensor grad_out, Tensor x, int size, float alpha, float beta, float k) -> Tensor")
 def lrn_backward(grad_out: Tensor, x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
+    check_input(x, "x")
+    check_input(grad_out, "grad_out", like=x, shape=x.shape)
+    _check_size(size)
     dx = torch.empty_like(x, memory_format=output_memory_format(x))
     if nothing_to_run(dx):
         return dx
@@ -360,6 +379,9 @@ def lrn_backward(grad_out: Tensor, x: Tensor, size: int, alpha: float, beta: flo
            "-> (Tensor, Tensor)")
 def lrn_max_pool2d(x: Tensor, size: int, alpha: float, beta: float, k: float, kernel_size: list[int],
                    stride: list[int]) -> tuple[Tensor, Tensor]:
+    check_input(x, "x")
+    _check_size(size)
+    check_pool_args(kernel_size, stride)
     out, idx = pool_outputs(x, kernel_size, stride, (0, 0), False)
     if nothing_to_run(out):
         return out, idx
@@ -375,8 +397,14 @@ def lrn_max_pool2d(x: Tensor, size: int, alpha: float, beta: float, k: float, ke
 @define_op("alexnet_fast_triton::lrn_max_pool2d_backward",
            "(Tensor grad_out, Tensor x, Tensor indices, int size, float alpha, float beta, float k, "
            "int[2] kernel_size, int[2] stride) -> Tensor")
-def lrn_max_pool2d_backward(grad_out: Tensor, x: Tensor, indices: Tensor, size: int, alpha: float, beta: float,
-                            k: float, kernel_size: list[int], stride: list[int]) -> Tensor:
+def lrn_max_pool2d_backward(grad_out: Tensor, x: Tensor, indices: Tensor, size: int, alpha: float,
+                            beta: float, k: float, kernel_size: list[int], stride: list[int]) -> Tensor:
+    check_input(x, "x")
+    _check_size(size)
+    check_pool_args(kernel_size, stride)
+    pooled = pool_out_shape(x, kernel_size, stride, (0, 0), False)
+    check_input(grad_out, "grad_out", like=x, shape=pooled)
+    check_input(indices, "indices", like=x, shape=pooled, dtype=torch.uint8)
     dx = torch.empty_like(x, memory_format=output_memory_format(x))
     if nothing_to_run(dx):
         return dx

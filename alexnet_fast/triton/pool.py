@@ -20,13 +20,15 @@ from torch import Tensor
 
 import alexnet_fast.autograd
 from alexnet_fast.ops import output_memory_format, pool_out_shape
-from alexnet_fast.triton._common import autotune_by_layout, channels_last_variant, define_op, launch, nothing_to_run
+from alexnet_fast.triton._common import (autotune_by_layout, channels_last_variant, check_input,
+                                         check_pool_args, define_op, launch, nothing_to_run)
 
 _INT32_MAX = 2**31 - 1
 
 
 def needs_wide_offsets(*tensors: Tensor) -> bool:
-    """Whether offsets within one image can pass 2**31 (offsets across images are 64-bit always)."""
+    """Whether offsets within one image need 64 bits (offsets across images always have them);
+    the margin covers masked lanes that compute offsets past the image's end."""
     return any(t.shape[0] and t.numel() // t.shape[0] > _INT32_MAX // 2 for t in tensors)
 
 
@@ -138,9 +140,11 @@ _P = triton.Config
 _POOL_FORWARD = autotune_by_layout(
     _max_pool_forward_kernel, ["C", "H", "W", "KH", "KW", "SH", "SW"],
     pixel_configs=[_P({"BLOCK_C": bc, "BLOCK_Q": bq}, num_warps=w)
-                   for bc, bq, w in ((1, 256, 2), (1, 512, 4), (2, 256, 4), (2, 512, 4), (4, 256, 4), (4, 512, 8))],
+                   for bc, bq, w in ((1, 256, 2), (1, 512, 4), (2, 256, 4), (2, 512, 4), (4, 256, 4),
+                                     (4, 512, 8))],
     channel_configs=[_P({"BLOCK_C": bc, "BLOCK_Q": bq}, num_warps=w)
-                     for bc, bq, w in ((32, 16, 2), (64, 8, 2), (64, 16, 4), (128, 8, 4), (128, 16, 8), (32, 32, 4))],
+                     for bc, bq, w in ((32, 16, 2), (64, 8, 2), (64, 16, 4), (128, 8, 4), (128, 16, 8),
+                                       (32, 32, 4))],
     interpreter_configs=(_P({"BLOCK_C": 2, "BLOCK_Q": 32}), _P({"BLOCK_C": 8, "BLOCK_Q": 8})),
 )
 _POOL_BACKWARD = autotune_by_layout(
@@ -161,14 +165,20 @@ def pool_outputs(x: Tensor, kernel_size, stride, padding, ceil_mode) -> tuple[Te
     """Empty (output, uint8 offsets) in the shape and layout the fake kernels give."""
     fmt = output_memory_format(x)
     shape = pool_out_shape(x, kernel_size, stride, padding, ceil_mode)
+    if min(shape[-2:]) < 1:
+        raise ValueError(f"kernel_size {list(kernel_size)} is larger than the input {tuple(x.shape[-2:])} "
+                         f"with padding {list(padding)}: the output would be empty")
     return (torch.empty(shape, dtype=x.dtype, device=x.device).contiguous(memory_format=fmt),
             torch.empty(shape, dtype=torch.uint8, device=x.device).contiguous(memory_format=fmt))
 
 
 @define_op("alexnet_fast_triton::max_pool2d",
-           "(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode) -> (Tensor, Tensor)")
+           "(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode) "
+           "-> (Tensor, Tensor)")
 def max_pool2d(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
                ceil_mode: bool) -> tuple[Tensor, Tensor]:
+    check_input(x, "x")
+    check_pool_args(kernel_size, stride, padding)
     out, idx = pool_outputs(x, kernel_size, stride, padding, ceil_mode)
     if nothing_to_run(out):
         return out, idx
@@ -189,6 +199,11 @@ def max_pool2d(x: Tensor, kernel_size: list[int], stride: list[int], padding: li
            "int[2] padding) -> Tensor")
 def max_pool2d_backward(grad_out: Tensor, indices: Tensor, input_hw: list[int], kernel_size: list[int],
                         stride: list[int], padding: list[int]) -> Tensor:
+    check_input(grad_out, "grad_out")
+    check_input(indices, "indices", like=grad_out, shape=grad_out.shape, dtype=torch.uint8)
+    check_pool_args(kernel_size, stride, padding)
+    if len(input_hw) != 2 or min(input_hw) < 1:
+        raise ValueError(f"input_hw must be 2 positive ints, got {list(input_hw)}")
     n, c, oh, ow = grad_out.shape
     h, w = input_hw
     dx = torch.empty((n, c, h, w), dtype=grad_out.dtype, device=grad_out.device).contiguous(

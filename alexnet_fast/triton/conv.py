@@ -11,8 +11,8 @@ GEMM views (groups=1, dilation=1; M counts pixels, K = KH * KW * C_in ordered (k
   partial sums that the host adds, and ``db = sum_M masked_grad`` from extra programs of the
   same launch.
 
-``masked_grad = where(out > 0, grad_out, 0)`` is formed inside the backward kernels' loads: no
-ReLU pass and no mask tensor exist.
+``masked_grad = where(out <= 0, 0, grad_out)`` (PyTorch's threshold_backward, NaN outputs
+included) is formed inside the backward kernels' loads: no ReLU pass and no mask tensor exist.
 
 Layout: the kernels read activations as channels_last (NHWC), so a K block is a contiguous run
 of channels. NCHW inputs are converted to channels_last once inside each op (one copy of x, and
@@ -228,7 +228,7 @@ def conv2d_relu_backward_input_kernel(
         g_offs = (((n.to(tl.int64) * OH + oh) * OW + ow) * CO)[:, None] + co[None, :]
         g = tl.load(grad_ptr + g_offs, mask=g_mask, other=0.0)
         o = tl.load(out_ptr + g_offs, mask=g_mask, other=0.0)
-        g = tl.where(o > 0, g, 0.0)
+        g = tl.where(o <= 0, 0.0, g)
         w_col = ((r0 + SH * i) * KW + s0 + SW * j) * C
         w_ptrs = w_ptr + (co.to(tl.int64) * K + w_col)[:, None] + offs_n[None, :]
         wt = tl.load(w_ptrs, mask=co_ok[:, None] & n_ok[None, :], other=0.0)
@@ -276,7 +276,7 @@ def conv2d_relu_backward_weight_kernel(
             g_offs = (offs_m.to(tl.int64) * CO)[:, None] + offs_n[None, :]
             g = tl.load(grad_ptr + g_offs, mask=g_mask, other=0.0)
             o = tl.load(out_ptr + g_offs, mask=g_mask, other=0.0)
-            db += tl.sum(tl.where(o > 0, g, 0.0).to(tl.float32), axis=0)
+            db += tl.sum(tl.where(o <= 0, 0.0, g).to(tl.float32), axis=0)
         tl.store(db_ptr + split * CO + offs_n, db, mask=n_ok)
     else:
         k_idx, k_ok = _k_columns(kt, C, KH, KW, FLAT_K, BLOCK_K)
@@ -289,7 +289,7 @@ def conv2d_relu_backward_weight_kernel(
             g_offs = (offs_m.to(tl.int64) * CO)[:, None] + offs_n[None, :]
             g = tl.load(grad_ptr + g_offs, mask=g_mask, other=0.0)
             o = tl.load(out_ptr + g_offs, mask=g_mask, other=0.0)
-            g = tl.where(o > 0, g, 0.0)
+            g = tl.where(o <= 0, 0.0, g)
             a = _load_patches(x_ptr, row_base, ih0, iw0, m_ok, kt, k_idx, k_ok, H, W, C, KW, FLAT_K, BLOCK_K)
             acc = _mma(tl.trans(g), a, acc, PRECISION, UPCAST)
         ptrs = dw_ptr + ((split * CO + offs_n).to(tl.int64) * K)[:, None] + k_idx[None, :]
@@ -311,11 +311,11 @@ _FORWARD = _autotuned(conv2d_relu_forward_kernel, conv_configs.forward, _SHAPE_K
 _BACKWARD_INPUT = _autotuned(conv2d_relu_backward_input_kernel, conv_configs.backward_input, _SHAPE_KEY)
 _BACKWARD_WEIGHT = _autotuned(conv2d_relu_backward_weight_kernel, conv_configs.backward_weight,
                               _SHAPE_KEY + ["FLAT_K", "CHUNK"])
-# Weight-gradient splits over M: each split reduces at least _SPLIT_MIN_ROWS pixels, in chunks
-# aligned to the largest BLOCK_M. The interpreter runs tiny shapes, which still get several
-# splits so the cross-split sum is exercised.
-_SPLIT_MIN_ROWS = 32 if _INTERPRETED else 1024
-_CHUNK_ALIGN = 32 if _INTERPRETED else 256
+# Weight-gradient splits over M: chunks aligned to the largest BLOCK_M, each at least
+# _SPLIT_MIN_ROWS pixels. The interpreter runs tiny shapes, which still get several splits so
+# the cross-split sum is exercised.
+_CHUNK_ALIGN = max(c.kwargs["BLOCK_M"] for width in (2, 4) for c in conv_configs.backward_weight(width, _INTERPRETED))
+_SPLIT_MIN_ROWS = _CHUNK_ALIGN if _INTERPRETED else 1024
 
 
 @functools.lru_cache(maxsize=None)

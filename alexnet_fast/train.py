@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -28,7 +29,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from alexnet_fast.metrics import COLUMNS, TOPK, topk_correct
+from alexnet_fast.metrics import COLUMNS, TOPK, topk_accuracies, topk_correct
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "RECIPES",
+    "fit",
+    "train_epoch_classification",
+    "evaluate_classification",
+    "evaluate_checkpoint",
+    "topk_accuracies",
+    "topk_correct",
+    "ConfigError",
+    "main",
+]
 
 AMP_CHOICES = ("off", "bf16", "fp16")
 _AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,6 +53,10 @@ PLATEAU = dict(mode="max", factor=0.1, patience=5)
 TIMING_WARMUP = 3
 # Steps between progress-bar updates, the only host synchronizations inside an epoch.
 LOG_EVERY = 25
+
+
+class ConfigError(ValueError):
+    """A training setting that cannot work (the message names it and says what is expected)."""
 
 
 @dataclass
@@ -215,8 +234,8 @@ def train_epoch_classification(
 
     ``amp``: "off"/False, "bf16"/True or "fp16" (which uses ``scaler``, a GradScaler created here
     when not given). Losses and accuracies are accumulated on the device; the host synchronizes
-    only every ``LOG_EVERY`` steps for the progress bar and at the end. ``step_losses``, a list,
-    receives every step's loss (as a 0-d tensor).
+    only every ``LOG_EVERY`` steps (fewer in short epochs) for the progress bar and at the end.
+    ``step_losses``, a list, receives every step's loss (as a 0-d tensor).
     """
     device = _device_of(model, device)
     dtype = amp_dtype(amp)
@@ -226,6 +245,7 @@ def train_epoch_classification(
     stats = torch.zeros(len(TOPK) + 2, dtype=torch.float64, device=device)
     timer = _StepTimer(device, warmup=min(TIMING_WARMUP, len(dataloader) // 2))
     bar = _progress_bar(len(dataloader), desc, progress)
+    log_every = max(1, min(LOG_EVERY, len(dataloader) // 4))
     last_time, last_images = time.perf_counter(), 0
     for step, (x, y) in enumerate(dataloader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -246,7 +266,7 @@ def train_epoch_classification(
             step_losses.append(loss.detach())
         timer.after_step(step, y.shape[0])
         bar.update(1)
-        if progress and (step + 1) % LOG_EVERY == 0:
+        if progress and (step + 1) % log_every == 0:
             now, so_far = time.perf_counter(), _summary(stats)
             rate = (so_far["images"] - last_images) / (now - last_time)
             last_time, last_images = now, so_far["images"]
@@ -319,7 +339,7 @@ def _training_device(config: TrainConfig, local_rank: int, world: int) -> torch.
             device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {config.device!r} was requested but CUDA is not available")
+            raise ConfigError(f"device {config.device!r} was requested but CUDA is not available")
         torch.cuda.set_device(device)
     return device
 
@@ -378,7 +398,7 @@ def _validate_config(config: TrainConfig) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise ConfigError(message)
 
 
 def _prune_checkpoints(directory: str, keep: int) -> None:
@@ -617,7 +637,7 @@ def _resumed_config(
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(saved) - names
     if unknown:
-        raise ValueError(f"{path}: its config has fields this version does not know: {sorted(unknown)}")
+        raise ConfigError(f"{path}: its config has fields this version does not know: {sorted(unknown)}")
     config = TrainConfig(**saved)
     if explicit is None:
         defaults = TrainConfig()
@@ -629,7 +649,7 @@ def _resumed_config(
         elif value != getattr(config, key):
             conflicts.append(f"--{key.replace('_', '-')} {value} (the checkpoint has {getattr(config, key)})")
     if conflicts:
-        raise ValueError(
+        raise ConfigError(
             f"resuming {path} continues its run with its own settings; these differ: {'; '.join(conflicts)}. "
             f"Drop them, or start a new run. A resumed run may change only "
             f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MUTABLE)}"
@@ -751,6 +771,33 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict]:
     return dataclasses.replace(TrainConfig(), **explicit), explicit
 
 
+def user_errors(command):
+    """Run a command so that user mistakes (missing data or checkpoint, damaged files, settings
+    that cannot work) print one line and exit with status 2 instead of a traceback."""
+
+    @functools.wraps(command)
+    def run(args) -> int:
+        from alexnet_fast.backends import BackendUnavailableError
+        from alexnet_fast.checkpoint import CheckpointError
+        from alexnet_fast.data import DatasetNotFoundError
+
+        try:
+            return command(args)
+        except (
+            ConfigError,
+            CheckpointError,
+            DatasetNotFoundError,
+            BackendUnavailableError,
+            FileNotFoundError,
+            FileExistsError,
+        ) as e:
+            print(f"alexnet-fast {getattr(args, 'command', 'train')}: error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+@user_errors
 def _cmd_train(args) -> int:
     from alexnet_fast import checkpoint
 
@@ -765,6 +812,7 @@ def _cmd_train(args) -> int:
     return 0
 
 
+@user_errors
 def _cmd_eval(args) -> int:
     m = evaluate_checkpoint(
         args.checkpoint,

@@ -467,6 +467,12 @@ def _single_image_loader(loader, index: int):
 
 
 def _cmd_viz(args) -> int:
+    from alexnet_fast.train import user_errors
+
+    return user_errors(_viz)(args)
+
+
+def _viz(args) -> int:
     from alexnet_fast import checkpoint
     from alexnet_fast.data import DeviceLoader, load_dataset
 

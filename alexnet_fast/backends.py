@@ -77,6 +77,12 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def autotune_enabled() -> bool:
+    """``ALEXNET_FAST_AUTOTUNE=0`` makes each Triton kernel use its first config instead of timing
+    all of them per shape (the tests set it: they run many shapes once each)."""
+    return os.environ.get("ALEXNET_FAST_AUTOTUNE", "1") != "0"
+
+
 @functools.lru_cache(maxsize=None)
 def _availability(backend: str, device_type: str) -> tuple[bool, str]:
     if backend == "torch":

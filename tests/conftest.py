@@ -9,6 +9,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Each test shape runs once: timing every Triton config per shape would dominate the GPU run.
+os.environ.setdefault("ALEXNET_FAST_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

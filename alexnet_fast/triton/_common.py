@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from alexnet_fast.backends import triton_interpreted
+from alexnet_fast.backends import autotune_enabled, triton_interpreted
 
 _shapes_only = contextvars.ContextVar("alexnet_fast_triton_shapes_only", default=False)
 
@@ -93,7 +93,8 @@ def autotune_by_layout(kernel, key, pixel_configs, channel_configs, interpreter_
     launchers = {}
     for channels_last, configs, interp in ((False, pixel_configs, interpreter_configs[0]),
                                            (True, channel_configs, interpreter_configs[1])):
-        launchers[channels_last] = triton.autotune(configs=[interp] if triton_interpreted() else configs,
+        configs = [interp] if triton_interpreted() else configs[:1] if not autotune_enabled() else configs
+        launchers[channels_last] = triton.autotune(configs=configs,
                                                    key=key)(kernel)
     return launchers
 

@@ -93,9 +93,11 @@ def autotune_by_layout(kernel, key, pixel_configs, channel_configs, interpreter_
     launchers = {}
     for channels_last, configs, interp in ((False, pixel_configs, interpreter_configs[0]),
                                            (True, channel_configs, interpreter_configs[1])):
-        configs = [interp] if triton_interpreted() else configs[:1] if not autotune_enabled() else configs
-        launchers[channels_last] = triton.autotune(configs=configs,
-                                                   key=key)(kernel)
+        if triton_interpreted():
+            configs = [interp]
+        elif not autotune_enabled():
+            configs = configs[:1]
+        launchers[channels_last] = triton.autotune(configs=configs, key=key)(kernel)
     return launchers
 
 

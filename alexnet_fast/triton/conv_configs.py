@@ -1,8 +1,8 @@
 """Autotuning candidates of the implicit-GEMM convolution kernels (alexnet_fast/triton/conv.py).
 
 Rows are (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for Hopper (227 KB of shared memory
-per block, wgmma on 64-row warpgroups), chosen so that none spills registers for 16-bit operands
-when compiled for sm_90. Float32 operands take twice the bytes per element, so their rows halve
+per block, wgmma on 64-row warpgroups). Compiled for sm_90 with 16-bit operands, none spills
+registers in the channel-block K layout and a few spill under 100 bytes in the flat one. Float32 operands take twice the bytes per element, so their rows halve
 the block along the GEMM's reduction dimension and keep each pipeline stage the same size.
 Triton's autotuner times the candidates once per shape key and caches the winner.
 
@@ -27,7 +27,8 @@ _FORWARD = [
     (128, 128, 128, 8, 3),
     (64, 64, 64, 4, 3),
 ]
-# Input pixels of one stride phase (M) x input channels (N) x K = (tap, c_out).
+# Input pixels of one stride phase (M) x input channels (N) x K = (tap, c_out). Narrow N tiles
+# fit C_in=96 (conv2's input) without padding.
 _BACKWARD_INPUT = [
     (128, 128, 64, 8, 3),
     (128, 128, 64, 8, 4),
@@ -37,15 +38,20 @@ _BACKWARD_INPUT = [
     (64, 128, 64, 8, 3),
     (64, 128, 64, 4, 4),
     (128, 64, 32, 4, 4),
+    (128, 32, 64, 4, 4),
+    (256, 32, 64, 8, 3),
     (64, 64, 64, 4, 3),
 ]
 # Output channels (N) x K columns (kh, kw, c_in), reducing over pixels in steps of BLOCK_M.
+# BLOCK_K=32 tiles C_in=96 per tap without padding.
 _BACKWARD_WEIGHT = [
     (64, 128, 128, 8, 3),
     (64, 128, 128, 8, 4),
     (32, 128, 128, 8, 4),
     (64, 128, 64, 8, 3),
     (128, 128, 64, 8, 3),
+    (64, 128, 32, 8, 3),
+    (128, 128, 32, 8, 3),
     (32, 128, 256, 8, 3),
     (32, 64, 128, 4, 4),
     (64, 64, 64, 4, 3),

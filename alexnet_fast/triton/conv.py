@@ -180,7 +180,7 @@ def conv2d_relu_backward_input_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dx = conv_transpose(where(out > 0, grad, 0), w): grad/out NHWC, w [CO, KH, KW, C].
+    """dx = conv_transpose(where(out <= 0, 0, grad), w): grad/out NHWC, w [CO, KH, KW, C].
 
     Program axis 1 is the stride phase (ph, pw): its pixels ih = ph + SH*a, iw = pw + SW*b are
     reached only by the taps r = r0 + SH*i, s = s0 + SW*j, from outputs oh = a + qh - i,
@@ -314,7 +314,8 @@ _BACKWARD_WEIGHT = _autotuned(conv2d_relu_backward_weight_kernel, conv_configs.b
 # Weight-gradient splits over M: chunks aligned to the largest BLOCK_M, each at least
 # _SPLIT_MIN_ROWS pixels. The interpreter runs tiny shapes, which still get several splits so
 # the cross-split sum is exercised.
-_CHUNK_ALIGN = max(c.kwargs["BLOCK_M"] for width in (2, 4) for c in conv_configs.backward_weight(width, _INTERPRETED))
+_CHUNK_ALIGN = max(c.kwargs["BLOCK_M"] for width in (2, 4)
+                   for c in conv_configs.backward_weight(width, _INTERPRETED))
 _SPLIT_MIN_ROWS = _CHUNK_ALIGN if _INTERPRETED else 1024
 
 
@@ -341,7 +342,8 @@ def _check_tensors(dtype: torch.dtype, device: torch.device, **tensors: Tensor) 
         if t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16 for the triton kernels, got {t.dtype}")
+            raise TypeError(f"{name} must be float32, float16 or bfloat16 for the triton kernels, "
+                            f"got {t.dtype}")
         if t.dtype != dtype:
             raise TypeError(f"{name} must have dtype {dtype} like the other operands, got {t.dtype}")
         if t.device != device:
@@ -360,7 +362,8 @@ def _check_rows(*counts: int) -> None:
 
 
 def _out_hw(in_hw, kernel_hw, stride, padding) -> tuple[int, int]:
-    return tuple(reference.conv_output_size(n, k, s, p) for n, k, s, p in zip(in_hw, kernel_hw, stride, padding))
+    return tuple(reference.conv_output_size(n, k, s, p)
+                 for n, k, s, p in zip(in_hw, kernel_hw, stride, padding))
 
 
 def _weight_k_major(weight: Tensor) -> Tensor:
@@ -392,11 +395,13 @@ def _register(name: str, schema: str, impl, allocate):
 def _allocate_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int],
                       padding: list[int]) -> Tensor:
     _check_tensors(x.dtype, x.device, x=x, weight=weight)
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype or bias.device != x.device):
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype
+                             or bias.device != x.device):
         raise ValueError(f"bias must be None or a ({weight.shape[0]},) {x.dtype} tensor on {x.device}, "
                          f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
     if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight must have x's {x.shape[1]} input channels in dim 1, got {tuple(weight.shape)}")
+        raise ValueError(f"weight must have x's {x.shape[1]} input channels in dim 1, "
+                         f"got {tuple(weight.shape)}")
     _check_geometry(weight.shape[-2:], stride, padding)
     n, _, h, w = x.shape
     oh, ow = _out_hw((h, w), weight.shape[-2:], stride, padding)
@@ -408,7 +413,8 @@ def _allocate_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride: li
                        memory_format=output_memory_format(x))
 
 
-def _conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int]) -> Tensor:
+def _conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int],
+                 padding: list[int]) -> Tensor:
     out = _allocate_forward(x, weight, bias, stride, padding)
     if out.numel() == 0:
         return out
@@ -436,10 +442,12 @@ def _allocate_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, inpu
     _check_geometry(weight.shape[-2:], stride, padding)
     n, co, oh, ow = grad_out.shape
     h, w = input_hw
-    if out.shape != grad_out.shape or weight.shape[0] != co or _out_hw((h, w), weight.shape[-2:], stride, padding) != (oh, ow):
+    if (out.shape != grad_out.shape or weight.shape[0] != co
+            or _out_hw((h, w), weight.shape[-2:], stride, padding) != (oh, ow)):
         raise ValueError(
-            f"grad_out {tuple(grad_out.shape)}, out {tuple(out.shape)}, weight {tuple(weight.shape)} and input_hw "
-            f"{list(input_hw)} do not describe one convolution with stride {list(stride)}, padding {list(padding)}")
+            f"grad_out {tuple(grad_out.shape)}, out {tuple(out.shape)}, weight {tuple(weight.shape)} and "
+            f"input_hw {list(input_hw)} do not describe one convolution with stride {list(stride)}, "
+            f"padding {list(padding)}")
     _check_rows(n * h * w, n * oh * ow)
     return torch.empty((n, weight.shape[1], h, w), dtype=grad_out.dtype, device=grad_out.device,
                        memory_format=output_memory_format(grad_out))
@@ -485,10 +493,12 @@ def _allocate_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kernel_h
     _check_geometry(kernel_hw, stride, padding)
     n, co, oh, ow = grad_out.shape
     _, c, h, w = x.shape
-    if out.shape != grad_out.shape or x.shape[0] != n or _out_hw((h, w), kernel_hw, stride, padding) != (oh, ow):
+    if (out.shape != grad_out.shape or x.shape[0] != n
+            or _out_hw((h, w), kernel_hw, stride, padding) != (oh, ow)):
         raise ValueError(
             f"grad_out {tuple(grad_out.shape)}, out {tuple(out.shape)}, x {tuple(x.shape)} and kernel_hw "
-            f"{list(kernel_hw)} do not describe one convolution with stride {list(stride)}, padding {list(padding)}")
+            f"{list(kernel_hw)} do not describe one convolution with stride {list(stride)}, "
+            f"padding {list(padding)}")
     _check_rows(n * oh * ow, n * h * w)
     return grad_out.new_empty((co, c, *kernel_hw)), grad_out.new_empty((co,))
 
@@ -514,7 +524,8 @@ def _conv2d_relu_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kerne
         return (triton.cdiv(co, meta["BLOCK_N"]) * (_k_tiles((kh, kw), c, flat, meta["BLOCK_K"]) + 1), splits)
 
     wrap_triton(_BACKWARD_WEIGHT[grad_out.element_size()])[grid](
-        grad_out.contiguous(memory_format=torch.channels_last), out.contiguous(memory_format=torch.channels_last),
+        grad_out.contiguous(memory_format=torch.channels_last),
+        out.contiguous(memory_format=torch.channels_last),
         x.contiguous(memory_format=torch.channels_last), dw, db,
         n, h, w, c, oh, ow, co, chunk,
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
@@ -533,7 +544,8 @@ conv2d_relu_backward_input = _register(
     _conv2d_relu_backward_input, _allocate_backward_input)
 conv2d_relu_backward_weight = _register(
     "conv2d_relu_backward_weight",
-    "(Tensor grad_out, Tensor out, Tensor x, int[2] kernel_hw, int[2] stride, int[2] padding) -> (Tensor, Tensor)",
+    "(Tensor grad_out, Tensor out, Tensor x, int[2] kernel_hw, int[2] stride, int[2] padding) "
+    "-> (Tensor, Tensor)",
     _conv2d_relu_backward_weight, _allocate_backward_weight)
 
 autograd.register(torch.ops.alexnet_fast_triton, ("conv2d_relu",))

@@ -2,8 +2,9 @@
 
 Rows are (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for Hopper (227 KB of shared memory
 per block, wgmma on 64-row warpgroups). Compiled for sm_90 with 16-bit operands, none spills
-registers in the channel-block K layout and a few spill under 100 bytes in the flat one. Float32 operands take twice the bytes per element, so their rows halve
-the block along the GEMM's reduction dimension and keep each pipeline stage the same size.
+registers in the channel-block K layout and a few spill under 100 bytes in the flat one.
+Float32 operands take twice the bytes per element, so their rows halve the block along the
+GEMM's reduction dimension and keep each pipeline stage the same size.
 Triton's autotuner times the candidates once per shape key and caches the winner.
 
 Under the CPU interpreter (``TRITON_INTERPRET=1``) one configuration is used: the interpreter's

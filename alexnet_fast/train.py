@@ -633,12 +633,16 @@ def _resumed_config(
     saved: dict, requested: TrainConfig, path: str, explicit: dict | None = None
 ) -> TrainConfig:
     """The checkpoint's config, with ``explicit`` (or, from the API, every field of
-    ``requested`` that differs from the defaults) applied where ``RESUME_MUTABLE`` allows."""
+    ``requested`` that differs from the defaults) applied where ``RESUME_MUTABLE`` allows. The run
+    folder defaults to the checkpoint's own (``RUN/last.pt`` or ``RUN/checkpoints/epoch_NNN.pt``),
+    so a moved or copied run continues where it now is."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(saved) - names
     if unknown:
         raise ConfigError(f"{path}: its config has fields this version does not know: {sorted(unknown)}")
     config = TrainConfig(**saved)
+    folder = os.path.dirname(os.path.abspath(path))
+    config.out = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
     if explicit is None:
         defaults = TrainConfig()
         explicit = {k: getattr(requested, k) for k in names if getattr(requested, k) != getattr(defaults, k)}
@@ -706,6 +710,18 @@ def evaluate_checkpoint(
 # ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
+TRAIN_DESCRIPTION = """\
+Train AlexNet (the seed's model) on the embedded synthetic dataset or STL-10, with the images
+held on the device and augmented there. Writes OUT/metrics.csv, metrics.jsonl, curves.png,
+checkpoints/epoch_NNN.pt and last.pt after every epoch; --resume OUT/last.pt continues a run.
+
+Multi-GPU: torchrun --nproc_per_node=N -m alexnet_fast.train [flags] trains with
+DistributedDataParallel; --batch-size is per GPU, metrics cover all GPUs, rank 0 writes files.
+
+On the CPU a run with a fixed --seed is bit-for-bit reproducible, resumed or not. On the GPU,
+cuDNN's algorithm choice and atomic adds in some backward kernels change the last bits."""
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The ``train`` flags. Value flags default to None so the command can tell which were given
     (explicit flags override ``--recipe``; on ``--resume`` they must agree with the checkpoint)."""
@@ -730,7 +746,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         f"in --data-dir (default {d.data})",
     )
     p.add_argument("--data-dir", help=f"folder holding stl10_binary/ (default {d.data_dir})")
-    p.add_argument("--limit", type=int, help="use at most N training and N test images")
+    p.add_argument(
+        "--limit",
+        type=int,
+        help="use at most N training and N test images (synthetic data: generate N of each; "
+        "default 5000 and 8000, STL-10's sizes)",
+    )
     p.add_argument("--data-seed", type=int, help=f"seed of the synthetic dataset (default {d.data_seed})")
     p.add_argument(
         "--input-size", type=int, help=f"images are resized to this square size (default {d.input_size})"
@@ -859,7 +880,7 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
         help="train AlexNet (synthetic data or STL-10); multi-GPU under torchrun",
-        description=__doc__,
+        description=TRAIN_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_train_arguments(p)
@@ -873,7 +894,7 @@ def main(argv=None) -> int:
     """``python -m alexnet_fast.train [train flags]`` (what torchrun runs)."""
     parser = argparse.ArgumentParser(
         prog="python -m alexnet_fast.train",
-        description=__doc__,
+        description=TRAIN_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_train_arguments(parser)

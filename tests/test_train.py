@@ -94,8 +94,14 @@ def test_run_folder_and_bit_exact_resume(tmp_path):
     assert len(straight.step_losses) == 4 and all(math.isfinite(v) for v in straight.step_losses)
 
     fit(tiny(epochs=1, out=b))
-    resumed = fit(tiny(epochs=2), resume=os.path.join(b, "last.pt"))
-    assert resumed.out == b
+    moved = str(tmp_path / "moved")
+    os.rename(b, moved)  # a run folder continues where it is now
+    resumed = fit(tiny(epochs=2), resume=os.path.join(moved, "checkpoints", "epoch_001.pt"))
+    b = moved
+    assert resumed.out == b and sorted(os.listdir(os.path.join(b, "checkpoints"))) == [
+        "epoch_001.pt",
+        "epoch_002.pt",
+    ]
     for (name, x), (_, y) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(x, y), name
     assert resumed.step_losses == straight.step_losses[2:]

@@ -49,6 +49,13 @@ SYNTHETIC_CLASSES = (
 SYNTHETIC_SIZES = {"train": 5000, "test": 8000}
 
 
+def default_device(device=None) -> torch.device:
+    """``device``, or the GPU when there is one and the CPU otherwise."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """The STL-10 binary release is missing from the given folder, or its files are damaged."""
 
@@ -451,10 +458,12 @@ def get_stl10_loaders(
     if pipeline == "device":
         if train_transform is not None or test_transform is not None:
             raise ValueError("train_transform/test_transform apply to pipeline='dataloader' only")
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         common = dict(
-            input_size=input_size, device=device, dtype=dtype, channels_last=channels_last, seed=seed
+            input_size=input_size,
+            device=default_device(device),
+            dtype=dtype,
+            channels_last=channels_last,
+            seed=seed,
         )
         return (
             DeviceLoader(train, batch_size, train=True, **common),

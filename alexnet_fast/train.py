@@ -39,6 +39,7 @@ __all__ = [
     "train_epoch_classification",
     "evaluate_classification",
     "evaluate_checkpoint",
+    "data_settings",
     "topk_accuracies",
     "topk_correct",
     "ConfigError",
@@ -154,6 +155,7 @@ class _StepTimer:
 
     def __init__(self, device: torch.device, warmup: int):
         self.cuda = device.type == "cuda"
+        self.device = device
         self.warmup = warmup
         self.full_batch = None
         self.steps = self.images = 0
@@ -164,7 +166,7 @@ class _StepTimer:
 
     def _now(self, event_name):
         if self.cuda:
-            getattr(self, f"{event_name}_event").record()
+            getattr(self, f"{event_name}_event").record(torch.cuda.current_stream(self.device))
         else:
             setattr(self, event_name, time.perf_counter())
 
@@ -664,6 +666,25 @@ def _resumed_config(
 # ---------------------------------------------------------------------------------------------
 # eval
 # ---------------------------------------------------------------------------------------------
+def data_settings(
+    config: dict | None, data=None, data_dir=None, limit=None, data_seed=None, input_size=None
+) -> dict:
+    """The data settings of a checkpoint's run (``config``; None for seed weights, which mean
+    STL-10 at 224x224), each replaced by the corresponding argument when that is given."""
+    saved = config or {}
+
+    def pick(value, key, default):
+        return value if value is not None else saved.get(key, default)
+
+    return {
+        "data": pick(data, "data", "stl10"),
+        "data_dir": pick(data_dir, "data_dir", "./data"),
+        "limit": pick(limit, "limit", None),
+        "data_seed": pick(data_seed, "data_seed", 0),
+        "input_size": pick(input_size, "input_size", 224),
+    }
+
+
 def evaluate_checkpoint(
     path: str,
     data: str | None = None,
@@ -678,28 +699,21 @@ def evaluate_checkpoint(
     channels_last: bool = False,
 ) -> dict:
     """Test-split metrics of the checkpoint ``path`` (a training checkpoint or seed weights). Data
-    settings default to those the run trained with (STL-10 at 224x224 for seed weights)."""
+    settings default to those the run trained with (:func:`data_settings`)."""
     from alexnet_fast import checkpoint
-    from alexnet_fast.data import DeviceLoader, load_dataset
+    from alexnet_fast.data import DeviceLoader, default_device, load_dataset
 
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     model, config = checkpoint.load_model(path, backend=backend, device=device)
-    saved = config or {}
-    data = data or saved.get("data", "stl10")
-    test_set = load_dataset(
-        data,
-        "test",
-        data_dir or saved.get("data_dir", "./data"),
-        limit if limit is not None else saved.get("limit"),
-        data_seed if data_seed is not None else saved.get("data_seed", 0),
-    )
+    d = data_settings(config, data, data_dir, limit, data_seed, input_size)
+    test_set = load_dataset(d["data"], "test", d["data_dir"], d["limit"], d["data_seed"])
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     loader = DeviceLoader(
         test_set,
         batch_size,
         train=False,
-        input_size=input_size or saved.get("input_size", 224),
+        input_size=d["input_size"],
         device=device,
         dtype=amp_dtype(amp) or torch.float32,
         channels_last=channels_last,

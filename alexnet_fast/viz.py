@@ -474,26 +474,17 @@ def _cmd_viz(args) -> int:
 
 def _viz(args) -> int:
     from alexnet_fast import checkpoint
-    from alexnet_fast.data import DeviceLoader, load_dataset
+    from alexnet_fast.data import DeviceLoader, default_device, load_dataset
+    from alexnet_fast.train import data_settings
 
-    device = torch.device(args.device if args.device else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     model, config = checkpoint.load_model(args.checkpoint, backend=args.backend, device=device)
-    saved = config or {}
-    data = args.data or saved.get("data", "stl10")
-    data_dir = args.data_dir or saved.get("data_dir", "./data")
-    limit = args.limit if args.limit is not None else saved.get("limit")
-    data_seed = args.data_seed if args.data_seed is not None else saved.get("data_seed", 0)
-    input_size = args.input_size or saved.get("input_size", 224)
-    common = dict(input_size=input_size, device=device)
-    train_loader = DeviceLoader(
-        load_dataset(data, "train", data_dir, args.num_images, data_seed),
-        args.num_images,
-        train=True,
-        **common,
-    )
-    test_loader = DeviceLoader(
-        load_dataset(data, "test", data_dir, limit, data_seed), args.batch_size, train=False, **common
-    )
+    d = data_settings(config, args.data, args.data_dir, args.limit, args.data_seed, args.input_size)
+    train_set = load_dataset(d["data"], "train", d["data_dir"], args.num_images, d["data_seed"])
+    test_set = load_dataset(d["data"], "test", d["data_dir"], d["limit"], d["data_seed"])
+    common = dict(input_size=d["input_size"], device=device)
+    train_loader = DeviceLoader(train_set, args.num_images, train=True, **common)
+    test_loader = DeviceLoader(test_set, args.batch_size, train=False, **common)
     layers = None if args.layers == "all" else {int(v) for v in args.layers.split(",")}
     projections = ("tsne", "pca") if args.projection == "both" else (args.projection,)
     for p in write_all(

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "checks.h"
 #include "cpu/cpu_common.h"  // pooling argument checks and output sizes, shared with the CPU kernels
@@ -40,14 +41,41 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
+// The integer type of a vector's bytes: accesses go through it, so that a vector of 16-bit
+// elements is one load or store (copying the Vec itself may be split into 16-bit accesses).
+template <int kBytes>
+struct RawBits;
+template <>
+struct RawBits<1> {
+  using type = uint8_t;
+};
+template <>
+struct RawBits<2> {
+  using type = uint16_t;
+};
+template <>
+struct RawBits<4> {
+  using type = uint32_t;
+};
+template <>
+struct RawBits<8> {
+  using type = uint2;
+};
+template <>
+struct RawBits<16> {
+  using type = uint4;
+};
+
 template <int N, typename T>
 __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, N>*>(p);
+  using Raw = typename RawBits<sizeof(Vec<T, N>)>::type;
+  return __builtin_bit_cast(Vec<T, N>, *reinterpret_cast<const Raw*>(p));
 }
 
 template <int N, typename T>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
-  *reinterpret_cast<Vec<T, N>*>(p) = v;
+  using Raw = typename RawBits<sizeof(Vec<T, N>)>::type;
+  *reinterpret_cast<Raw*>(p) = __builtin_bit_cast(Raw, v);
 }
 
 // N consecutive elements, converted to the arithmetic type A (float, or double for double).
@@ -73,7 +101,10 @@ __device__ __forceinline__ void fill_zero(A (&a)[N]) {
 }
 
 // Returns a / b and sets r = a % b, for a >= 0 and b > 0: in 32 bits when both fit (several
-// times cheaper than the 64-bit division, and the usual case).
+// times cheaper than the 64-bit division, and the usual case). For the generic kernels' 64-bit
+// element indices; the specialised kernels index work items (threads, chunks, cells) in 32 bits
+// (host-checked with fits_index32) and elements in 64, since the branch here keeps the compiler
+// from merging the vector stores that follow.
 __device__ __forceinline__ int64_t divmod(int64_t a, int64_t b, int64_t& r) {
   if (((a | b) >> 31) == 0) {
     const uint32_t q = static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
@@ -83,6 +114,17 @@ __device__ __forceinline__ int64_t divmod(int64_t a, int64_t b, int64_t& r) {
   const int64_t q = a / b;
   r = a - q * b;
   return q;
+}
+
+// Runs step(j0, checked) over batches j0 = first, first + U, ... < end of a channel walk, where
+// `checked` is std::true_type for batches that reach outside [safe_lo, safe_hi) (safe_hi <= end)
+// and must test each channel, std::false_type for the batches of the steady state in between.
+template <int U, typename Step>
+__device__ __forceinline__ void walk_channels(int first, int end, int safe_lo, int safe_hi, const Step& step) {
+  int j0 = first;
+  for (; j0 < end && j0 < safe_lo; j0 += U) step(j0, std::true_type{});
+  for (; j0 + U <= safe_hi; j0 += U) step(j0, std::false_type{});
+  for (; j0 < end; j0 += U) step(j0, std::true_type{});
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -136,10 +178,13 @@ inline void check_lrn_params(int64_t size, double beta, double k) {
 }
 
 // d^-beta for the window sum of squares `sumsq`.
+// (Both sides of each choice below are computed and one is selected: a branch around the inline
+// asm would split the vector stores of the callers into scalar ones.)
 template <typename A>
 __device__ __forceinline__ A lrn_factor(A sumsq, const LrnParams<A>& p) {
   const A d = fma(p.coef, sumsq, p.k);
-  return p.beta_zero ? A(1) : pow2(p.neg_beta * log_2(d));
+  const A f = pow2(p.neg_beta * log_2(d));
+  return p.beta_zero ? A(1) : f;
 }
 
 // The gradient terms of channel c: gf = g[c] * d[c]^-beta (its direct part) and
@@ -149,9 +194,10 @@ template <typename A>
 __device__ __forceinline__ void lrn_grad_terms(A sumsq, A x, A g, const LrnParams<A>& p, A& gf, A& t) {
   const A d = fma(p.coef, sumsq, p.k);
   const A l = log_2(d);
-  gf = g * (p.beta_zero ? A(1) : pow2(p.neg_beta * l));
+  const A f = pow2(p.neg_beta * l), f1 = pow2(p.neg_beta1 * l);
+  gf = g * (p.beta_zero ? A(1) : f);
   // grad_coef is 0 when alpha or beta is: the term vanishes, also where d is 0.
-  t = p.grad_coef == A(0) ? A(0) : p.grad_coef * g * x * pow2(p.neg_beta1 * l);
+  t = p.grad_coef == A(0) ? A(0) : p.grad_coef * g * x * f1;
 }
 
 // Sum of squares of the last SIZE channels at position p of a window of x values.
@@ -284,19 +330,18 @@ __device__ __forceinline__ void lane_window_sums(const float (&val)[VEC], bool h
 // `row_chunks` consecutive chunks of memory. q = -1 and q = row_chunks are the outer lanes'
 // neighbours outside the row: they load nothing.
 struct LaneChunk {
-  int64_t row;
-  int64_t q;      // chunk index within the row
+  int row;
+  int q;          // chunk index within the row
   bool loads;     // 0 <= q < row_chunks
   bool produces;  // loads, and the lane is one of the 30 producing lanes
 };
 
-__device__ __forceinline__ LaneChunk lane_chunk(int64_t warps_per_row, int64_t row_chunks) {
+__device__ __forceinline__ LaneChunk lane_chunk(int warps_per_row, int row_chunks) {
   const int lane = threadIdx.x & 31;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  int64_t wr;
+  const unsigned warp = blockIdx.x * kWarps + threadIdx.x / 32;
   LaneChunk lc;
-  lc.row = divmod(warp, warps_per_row, wr);
-  lc.q = wr * kProducingLanes + lane - 1;
+  lc.row = static_cast<int>(warp / static_cast<unsigned>(warps_per_row));
+  lc.q = static_cast<int>(warp - lc.row * warps_per_row) * kProducingLanes + lane - 1;
   lc.loads = lc.q >= 0 && lc.q < row_chunks;
   lc.produces = lc.loads && lane >= 1 && lane <= kProducingLanes;
   return lc;
@@ -319,10 +364,40 @@ inline PoolShape make_pool_shape(int64_t H, int64_t W, int64_t OH, int64_t OW, a
 
 // PyTorch's rule, scanning a window row-major from a running maximum of -inf (and the first valid
 // element's offset): a greater element or a NaN replaces it. Ties keep the first maximum, the last
-// NaN wins, an all -inf window gives its first element.
+// NaN wins, an all -inf window gives its first element. Written as selects on one condition (v != v
+// is isnan): with an if, the compiler keeps a predicate per vector element alive and spills them
+// into registers.
 template <typename A>
-__device__ __forceinline__ bool pool_takes(A v, A best) {
-  return v > best || isnan(v);
+__device__ __forceinline__ void pool_update(A v, int offset, A& best, int& arg) {
+  const bool take = v > best || v != v;
+  best = take ? v : best;
+  arg = take ? offset : arg;
+}
+
+// Max and offset over a window that lies inside its input (no padding), row-major, for NV lanes;
+// KH = KW = 0 takes the size (kh, kw) at run time. load(a, b, v) fills v with the lanes' values at
+// window position (a, b).
+template <int KH, int KW, int NV, typename Load>
+__device__ __forceinline__ void scan_inner_window(const Load& load, int kh, int kw, float (&best)[NV],
+                                                  int (&arg)[NV]) {
+#pragma unroll
+  for (int i = 0; i < NV; ++i) best[i] = -INFINITY, arg[i] = 0;
+  const auto visit = [&](int a, int b, int offset) {
+    float v[NV];
+    load(a, b, v);
+#pragma unroll
+    for (int i = 0; i < NV; ++i) pool_update(v[i], offset, best[i], arg[i]);
+  };
+  if constexpr (KH > 0) {
+#pragma unroll
+    for (int a = 0; a < KH; ++a) {
+#pragma unroll
+      for (int b = 0; b < KW; ++b) visit(a, b, a * KW + b);
+    }
+  } else {
+    for (int a = 0; a < kh; ++a)
+      for (int b = 0; b < kw; ++b) visit(a, b, a * kw + b);
+  }
 }
 
 // The windows (oh, ow) whose rows/columns cover input row/column h: [lo, hi).
@@ -376,6 +451,9 @@ struct PoolCell {
 // Host side
 // ------------------------------------------------------------------------------------------------
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Work items of the specialised kernels are indexed in 32 bits.
+inline bool fits_index32(int64_t n) { return n <= std::numeric_limits<int32_t>::max(); }
 
 inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 

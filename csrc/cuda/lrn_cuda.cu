@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kThreads)
 // dx of lrn (FUSED false: grad is x-shaped) or of lrn_max_pool2d (FUSED true: grad and indices
 // are pooled; the LRN output's gradient is gathered from the windows).
 template <typename T, bool CL, bool FUSED>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)  // 64 registers: no spills (ptxas alone picks 48 and spills)
     lrn_backward_generic_kernel(const T* __restrict__ grad, const uint8_t* __restrict__ indices,
                                 const T* __restrict__ x, T* __restrict__ dx, int64_t total, int C, int before,
                                 int after, PoolShape ps, LrnParams<at::opmath_type<T>> prm) {
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kThreads)
         const T* xp = x + offset_of<CL>(n, 0, oh * ps.sh + a, ow * ps.sw + b, C, ps.H, ps.W);
         const A s = window_sumsq<A>(xp, cstride, static_cast<int>(c), C, before, after);
         const A v = static_cast<A>(static_cast<T>(static_cast<A>(xp[c * cstride]) * lrn_factor(s, prm)));
-        if (pool_takes(v, best)) best = v, arg = a * ps.kw + b;
+        pool_update(v, a * ps.kw + b, best, arg);
       }
     }
     out[e] = static_cast<T>(best);
@@ -172,24 +172,24 @@ __global__ void __launch_bounds__(kThreads)
 // ================================================================================================
 template <typename T, int SIZE, int VEC, int U>
 __global__ void __launch_bounds__(kThreads)
-    lrn_forward_nchw_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t pixel_vecs, int64_t HW, int C,
+    lrn_forward_nchw_kernel(const T* __restrict__ x, T* __restrict__ out, int pixel_vecs, int64_t HW, int C,
                             int c_chunk, LrnParams<float> prm) {
   using Window = LrnForwardWindow<SIZE, VEC>;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (t >= pixel_vecs) return;
-  int64_t hwv;
-  const int64_t n = divmod(t, HW / VEC, hwv);
-  const int64_t base = n * C * HW + hwv * VEC;
+  const unsigned t = blockIdx.x * kThreads + threadIdx.x;
+  if (t >= static_cast<unsigned>(pixel_vecs)) return;
+  const unsigned hw_vecs = static_cast<unsigned>(HW / VEC), n = t / hw_vecs;
+  const int64_t base = static_cast<int64_t>(n) * C * HW + static_cast<int64_t>(t - n * hw_vecs) * VEC;
   const int c_begin = blockIdx.y * c_chunk, c_end = min(C, c_begin + c_chunk);
   const int j_end = c_end + Window::kAfter;  // the stream: channels [c_begin - kBefore, j_end)
   Window win;
   win.reset();
-  for (int j0 = c_begin - Window::kBefore; j0 < j_end; j0 += U) {
+  const auto step = [&](int j0, auto checked) {
+    constexpr bool kChecked = decltype(checked)::value;
     float xb[U][VEC];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = j0 + u;
-      if (j >= 0 && j < C && j < j_end) {
+      if (!kChecked || (j >= 0 && j < C && j < j_end)) {
         load_as<VEC>(x + base + j * HW, xb[u]);
       } else {
         fill_zero(xb[u]);
@@ -199,26 +199,27 @@ __global__ void __launch_bounds__(kThreads)
     for (int u = 0; u < U; ++u) {
       win.push(xb[u]);
       const int c = j0 + u - Window::kAfter;
-      if (c >= c_begin && c < c_end) {
+      if (!kChecked || (c >= c_begin && c < c_end)) {
         float y[VEC];
 #pragma unroll
         for (int v = 0; v < VEC; ++v) y[v] = win.out(v, prm);
         store_as<VEC>(out + base + c * HW, y);
       }
     }
-  }
+  };
+  // Every load and output of a batch is in range from channel c_begin + kAfter on.
+  walk_channels<U>(c_begin - Window::kBefore, j_end, max(0, c_begin + Window::kAfter), min(C, j_end), step);
 }
 
 template <typename T, int SIZE, int VEC, int U>
 __global__ void __launch_bounds__(kThreads)
     lrn_backward_nchw_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
-                             int64_t pixel_vecs, int64_t HW, int C, int c_chunk, LrnParams<float> prm) {
+                             int pixel_vecs, int64_t HW, int C, int c_chunk, LrnParams<float> prm) {
   using Window = LrnBackwardWindow<SIZE, VEC>;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (t >= pixel_vecs) return;
-  int64_t hwv;
-  const int64_t n = divmod(t, HW / VEC, hwv);
-  const int64_t base = n * C * HW + hwv * VEC;
+  const unsigned t = blockIdx.x * kThreads + threadIdx.x;
+  if (t >= static_cast<unsigned>(pixel_vecs)) return;
+  const unsigned hw_vecs = static_cast<unsigned>(HW / VEC), n = t / hw_vecs;
+  const int64_t base = static_cast<int64_t>(n) * C * HW + static_cast<int64_t>(t - n * hw_vecs) * VEC;
   const int c_begin = blockIdx.y * c_chunk, c_end = min(C, c_begin + c_chunk);
   // Stream step j reads x of channel j and grad of channel j - kAfter, and yields dx of channel
   // j - SIZE + 1. Terms of channels below g_lo never reach a dx of this group.
@@ -226,17 +227,18 @@ __global__ void __launch_bounds__(kThreads)
   const int g_lo = max(0, c_begin - Window::kAfter);
   Window win;
   win.reset();
-  for (int j0 = c_begin - (SIZE - 1); j0 < j_end; j0 += U) {
+  const auto step = [&](int j0, auto checked) {
+    constexpr bool kChecked = decltype(checked)::value;
     float xb[U][VEC], gb[U][VEC];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = j0 + u, c = j - Window::kAfter;
-      if (j >= 0 && j < C && j < j_end) {
+      if (!kChecked || (j >= 0 && j < C && j < j_end)) {
         load_as<VEC>(x + base + j * HW, xb[u]);
       } else {
         fill_zero(xb[u]);
       }
-      if (c >= g_lo && c < C && j < j_end) {
+      if (!kChecked || (c >= g_lo && c < C && j < j_end)) {
         load_as<VEC>(grad + base + c * HW, gb[u]);
       } else {
         fill_zero(gb[u]);
@@ -246,15 +248,17 @@ __global__ void __launch_bounds__(kThreads)
     for (int u = 0; u < U; ++u) {
       const int j = j0 + u, c = j - Window::kAfter, i = j - (SIZE - 1);
       win.push_x(xb[u]);
-      win.push_grad(gb[u], c >= 0 && c < C, prm);
-      if (i >= c_begin && i < c_end) {
+      win.push_grad(gb[u], !kChecked || (c >= 0 && c < C), prm);
+      if (!kChecked || (i >= c_begin && i < c_end)) {
         float y[VEC];
 #pragma unroll
         for (int v = 0; v < VEC; ++v) y[v] = win.dx(v);
         store_as<VEC>(dx + base + i * HW, y);
       }
     }
-  }
+  };
+  // Every load and output of a batch is in range from channel c_begin + SIZE - 1 on.
+  walk_channels<U>(c_begin - (SIZE - 1), j_end, c_begin + SIZE - 1, min(C, j_end), step);
 }
 
 // ================================================================================================
@@ -265,7 +269,7 @@ __global__ void __launch_bounds__(kThreads)
 // The whole tensor is one row of chunks.
 template <typename T, int SIZE, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    lrn_forward_nhwc_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t warps, int64_t chunks, int C,
+    lrn_forward_nhwc_kernel(const T* __restrict__ x, T* __restrict__ out, int warps, int chunks, int C,
                             LrnParams<float> prm) {
   constexpr int kBefore = SIZE / 2, kAfter = (SIZE - 1) / 2;
   const LaneChunk lc = lane_chunk(warps, chunks);
@@ -274,10 +278,8 @@ __global__ void __launch_bounds__(kThreads)
   int c0 = 0;
   fill_zero(xv);
   if (lc.loads) {
-    load_as<VEC>(x + lc.q * VEC, xv);
-    int64_t g;
-    divmod(lc.q, C / VEC, g);
-    c0 = static_cast<int>(g) * VEC;
+    load_as<VEC>(x + static_cast<int64_t>(lc.q) * VEC, xv);
+    c0 = static_cast<int>(static_cast<unsigned>(lc.q) % static_cast<unsigned>(C / VEC)) * VEC;
   }
   float sq[VEC], sums[VEC];
 #pragma unroll
@@ -287,7 +289,7 @@ __global__ void __launch_bounds__(kThreads)
     float y[VEC];
 #pragma unroll
     for (int v = 0; v < VEC; ++v) y[v] = xv[v] * lrn_factor(sums[v], prm);
-    store_as<VEC>(out + lc.q * VEC, y);
+    store_as<VEC>(out + static_cast<int64_t>(lc.q) * VEC, y);
   }
 }
 
@@ -318,25 +320,23 @@ __device__ __forceinline__ void gather_pooled_grad_nhwc(const T* __restrict__ gr
 template <typename T, int SIZE, int VEC, bool FUSED>
 __global__ void __launch_bounds__(kThreads)
     lrn_backward_nhwc_kernel(const T* __restrict__ grad, const uint8_t* __restrict__ indices,
-                             const T* __restrict__ x, T* __restrict__ dx, int64_t rows, int64_t warps_per_row,
-                             int64_t row_chunks, int C, PoolShape ps, LrnParams<float> prm) {
+                             const T* __restrict__ x, T* __restrict__ dx, int rows, int warps_per_row,
+                             int row_chunks, int C, PoolShape ps, LrnParams<float> prm) {
   constexpr int kBefore = SIZE / 2, kAfter = (SIZE - 1) / 2;
   const LaneChunk lc = lane_chunk(warps_per_row, row_chunks);
   if (lc.row >= rows) return;  // the whole warp
-  const int64_t e = (lc.row * row_chunks + lc.q) * VEC;
+  const int64_t e = (static_cast<int64_t>(lc.row) * row_chunks + lc.q) * VEC;
   float xv[VEC], gv[VEC];
   int c0 = 0;
   fill_zero(xv);
   fill_zero(gv);
   if (lc.loads) {
-    int64_t g;
-    const int64_t w = divmod(lc.q, C / VEC, g);
-    c0 = static_cast<int>(g) * VEC;
+    const unsigned chunks_per_pixel = static_cast<unsigned>(C / VEC), w = lc.q / chunks_per_pixel;
+    c0 = static_cast<int>(lc.q - w * chunks_per_pixel) * VEC;
     load_as<VEC>(x + e, xv);
     if constexpr (FUSED) {
-      int64_t h;
-      const int64_t n = divmod(lc.row, ps.H, h);
-      gather_pooled_grad_nhwc<VEC>(grad, indices, n, static_cast<int>(h), static_cast<int>(w), c0, C, ps, gv);
+      const unsigned n = static_cast<unsigned>(lc.row) / static_cast<unsigned>(ps.H);
+      gather_pooled_grad_nhwc<VEC>(grad, indices, n, lc.row - n * ps.H, static_cast<int>(w), c0, C, ps, gv);
     } else {
       load_as<VEC>(grad + e, gv);
     }
@@ -374,8 +374,8 @@ struct FusedTile {
   int toh, tow, tiles_h, tiles_w;
 };
 
-template <typename T, int SIZE, int P, int U>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int SIZE, int P, int U, int KH, int KW>
+__global__ void __launch_bounds__(kThreads, 2)  // 128 registers: no spills (ptxas alone picks 64 and spills)
     lrn_max_pool2d_forward_nchw_kernel(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ indices,
                                        int C, int c_chunk, PoolShape s, FusedTile ft, LrnParams<float> prm) {
   using Window = LrnForwardWindow<SIZE, P>;
@@ -407,12 +407,13 @@ __global__ void __launch_bounds__(kThreads)
   const int j_end = c_end + Window::kAfter;
   Window win;
   win.reset();
-  for (int j0 = c_begin - Window::kBefore; j0 < j_end; j0 += U) {
+  const auto step = [&](int j0, auto checked) {
+    constexpr bool kChecked = decltype(checked)::value;
     float xb[U][P];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = j0 + u;
-      const bool channel = j >= 0 && j < C && j < j_end;
+      const bool channel = !kChecked || (j >= 0 && j < C && j < j_end);
 #pragma unroll
       for (int k = 0; k < P; ++k) {
         xb[u][k] = channel && pix_ok[k] ? static_cast<float>(xn[j * plane_in + pix_off[k]]) : 0.f;
@@ -422,7 +423,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int u = 0; u < U; ++u) {
       win.push(xb[u]);
       const int c = j0 + u - Window::kAfter;
-      if (c >= c_begin && c < c_end) {
+      if (!kChecked || (c >= c_begin && c < c_end)) {
 #pragma unroll
         for (int k = 0; k < P; ++k) {
           if (pix_ok[k]) lrn_tile[u][threadIdx.x + k * kThreads] = static_cast<T>(win.out(k, prm));
@@ -433,22 +434,20 @@ __global__ void __launch_bounds__(kThreads)
     if (pools) {
       for (int u = u_first; u < U; u += lanes) {
         const int c = j0 + u - Window::kAfter;
-        if (c < c_begin || c >= c_end) continue;
-        float best = -INFINITY;
-        int arg = 0;
-        for (int a = 0; a < s.kh; ++a) {
-          const T* row = &lrn_tile[u][window0 + a * tiw];
-          for (int b = 0; b < s.kw; ++b) {
-            const float v = static_cast<float>(row[b]);
-            if (pool_takes(v, best)) best = v, arg = a * s.kw + b;
-          }
-        }
-        out[out0 + c * plane_out] = static_cast<T>(best);
-        indices[out0 + c * plane_out] = static_cast<uint8_t>(arg);
+        if (kChecked && (c < c_begin || c >= c_end)) continue;
+        float best[1];
+        int arg[1];
+        scan_inner_window<KH, KW>(
+            [&](int a, int b, float (&v)[1]) { v[0] = static_cast<float>(lrn_tile[u][window0 + a * tiw + b]); }, s.kh,
+            s.kw, best, arg);
+        out[out0 + c * plane_out] = static_cast<T>(best[0]);
+        indices[out0 + c * plane_out] = static_cast<uint8_t>(arg[0]);
       }
     }
     __syncthreads();
-  }
+  };
+  // The same batches for every thread (the barriers): in range from channel c_begin + kAfter on.
+  walk_channels<U>(c_begin - Window::kBefore, j_end, max(0, c_begin + Window::kAfter), min(C, j_end), step);
 }
 
 // channels_last: block (n, strip, column tile) produces output rows [oh_begin, oh_end) of the
@@ -461,7 +460,7 @@ struct FusedRoll {
   int tow, tiles_w, strip_rows, strips;
 };
 
-template <typename T, int SIZE, int VEC, int B>
+template <typename T, int SIZE, int VEC, int B, int KH, int KW>
 __global__ void __launch_bounds__(kThreads)
     lrn_max_pool2d_forward_nhwc_kernel(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ indices,
                                        int C, PoolShape s, FusedRoll fr, LrnParams<float> prm) {
@@ -519,21 +518,14 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t out_row = (static_cast<int64_t>(n) * s.OH + oh) * s.OW + ow0;
     for (int t = threadIdx.x; t < tow * G; t += kThreads) {
       const int pc = t / G, c0 = (t - pc * G) * VEC;
+      const int kh = KH > 0 ? KH : s.kh;
       float best[VEC];
       int arg[VEC];
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) best[v] = -INFINITY, arg[v] = 0;
-      for (int a = 0; a < s.kh; ++a) {
-        const T* rp = rows + (((oh * s.sh + a) % s.kh) * tiw + pc * s.sw) * C + c0;
-        for (int b = 0; b < s.kw; ++b) {
-          float v[VEC];
-          load_as<VEC>(rp + b * C, v);
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) {
-            if (pool_takes(v[i], best[i])) best[i] = v[i], arg[i] = a * s.kw + b;
-          }
-        }
-      }
+      scan_inner_window<KH, KW>(
+          [&](int a, int b, float (&v)[VEC]) {
+            load_as<VEC>(rows + (((oh * s.sh + a) % kh) * tiw + pc * s.sw + b) * C + c0, v);
+          },
+          s.kh, s.kw, best, arg);
       store_as<VEC>(out + (out_row + pc) * C + c0, best);
       store_as<VEC>(indices + (out_row + pc) * C + c0, arg);
     }
@@ -550,49 +542,50 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, int SIZE, int U>
 __global__ void __launch_bounds__(kThreads)
     lrn_max_pool2d_backward_nchw_kernel(const T* __restrict__ grad, const uint8_t* __restrict__ indices,
-                                        const T* __restrict__ x, T* __restrict__ dx, int64_t cells, int cells_h,
+                                        const T* __restrict__ x, T* __restrict__ dx, int cells, int cells_h,
                                         int cells_w, int C, int c_chunk, PoolShape s, LrnParams<float> prm) {
   using Cell = PoolCell<kCellK, kCellK, kCellS, kCellS>;
   constexpr int kPix = kCellS * kCellS, kWin = Cell::kWinH * Cell::kWinW;
   using Window = LrnBackwardWindow<SIZE, kPix>;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (t >= cells) return;
-  int64_t i, j;
-  const int64_t n = divmod(divmod(t, cells_w, j), cells_h, i);
+  const unsigned t = blockIdx.x * kThreads + threadIdx.x;
+  if (t >= static_cast<unsigned>(cells)) return;
+  const unsigned cell_row = t / static_cast<unsigned>(cells_w), n = cell_row / static_cast<unsigned>(cells_h);
+  const int i = static_cast<int>(cell_row - n * cells_h), j = static_cast<int>(t - cell_row * cells_w);
   int pix_off[kPix], win_off[kWin];
   bool pix_ok[kPix], win_ok[kWin];
 #pragma unroll
   for (int p = 0; p < kPix; ++p) {
-    const int h = static_cast<int>(i) * kCellS + p / kCellS, w = static_cast<int>(j) * kCellS + p % kCellS;
+    const int h = i * kCellS + p / kCellS, w = j * kCellS + p % kCellS;
     pix_ok[p] = h < s.H && w < s.W;
     pix_off[p] = h * s.W + w;
   }
 #pragma unroll
   for (int q = 0; q < kWin; ++q) {
     // q = (a, b) with a, b descending as q ascends: windows in (oh, ow) order.
-    const int oh = static_cast<int>(i) - (Cell::kWinH - 1 - q / Cell::kWinW);
-    const int ow = static_cast<int>(j) - (Cell::kWinW - 1 - q % Cell::kWinW);
+    const int oh = i - (Cell::kWinH - 1 - q / Cell::kWinW), ow = j - (Cell::kWinW - 1 - q % Cell::kWinW);
     win_ok[q] = oh >= 0 && oh < s.OH && ow >= 0 && ow < s.OW;
     win_off[q] = oh * s.OW + ow;
   }
   const int64_t plane_in = static_cast<int64_t>(s.H) * s.W, plane_out = static_cast<int64_t>(s.OH) * s.OW;
-  const T* xn = x + n * C * plane_in;
-  T* dxn = dx + n * C * plane_in;
-  const T* gn = grad + n * C * plane_out;
-  const uint8_t* in = indices + n * C * plane_out;
+  const T* xn = x + static_cast<int64_t>(n) * C * plane_in;
+  T* dxn = dx + static_cast<int64_t>(n) * C * plane_in;
+  const T* gn = grad + static_cast<int64_t>(n) * C * plane_out;
+  const uint8_t* in = indices + static_cast<int64_t>(n) * C * plane_out;
 
   const int c_begin = blockIdx.y * c_chunk, c_end = min(C, c_begin + c_chunk);
   const int j_end = c_end + SIZE - 1;
   const int g_lo = max(0, c_begin - Window::kAfter);
   Window win;
   win.reset();
-  for (int j0 = c_begin - (SIZE - 1); j0 < j_end; j0 += U) {
+  const auto step = [&](int j0, auto checked) {
+    constexpr bool kChecked = decltype(checked)::value;
     float xb[U][kPix], gb[U][kWin];
     int kb[U][kWin];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int jj = j0 + u, c = jj - Window::kAfter;
-      const bool xch = jj >= 0 && jj < C && jj < j_end, gch = c >= g_lo && c < C && jj < j_end;
+      const bool xch = !kChecked || (jj >= 0 && jj < C && jj < j_end);
+      const bool gch = !kChecked || (c >= g_lo && c < C && jj < j_end);
 #pragma unroll
       for (int p = 0; p < kPix; ++p) {
         xb[u][p] = xch && pix_ok[p] ? static_cast<float>(xn[jj * plane_in + pix_off[p]]) : 0.f;
@@ -616,15 +609,16 @@ __global__ void __launch_bounds__(kThreads)
       float gy[kPix];
 #pragma unroll
       for (int p = 0; p < kPix; ++p) gy[p] = cell[p / kCellS][p % kCellS];
-      win.push_grad(gy, c >= 0 && c < C, prm);
-      if (ci >= c_begin && ci < c_end) {
+      win.push_grad(gy, !kChecked || (c >= 0 && c < C), prm);
+      if (!kChecked || (ci >= c_begin && ci < c_end)) {
 #pragma unroll
         for (int p = 0; p < kPix; ++p) {
           if (pix_ok[p]) dxn[ci * plane_in + pix_off[p]] = static_cast<T>(win.dx(p));
         }
       }
     }
-  }
+  };
+  walk_channels<U>(c_begin - (SIZE - 1), j_end, c_begin + SIZE - 1, min(C, j_end), step);
 }
 
 // ================================================================================================
@@ -645,32 +639,36 @@ bool channels_last_vectors(int64_t C, std::initializer_list<const at::Tensor*> t
   return true;
 }
 
+// The register-window kernels, where they apply (false: run the generic kernel instead).
 template <typename T>
-void lrn_forward_fast(const at::Tensor& x, at::Tensor& out, const LrnParams<float>& prm, cudaStream_t stream) {
+bool lrn_forward_fast(const at::Tensor& x, at::Tensor& out, const LrnParams<float>& prm, cudaStream_t stream) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const T* xp = x.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
   if (is_channels_last(output_memory_format(x))) {
     constexpr int kVec = 16 / sizeof(T);
     const int64_t chunks = x.numel() / kVec, warps = ceil_div(chunks, kProducingLanes);
+    if (!channels_last_vectors<T>(C, {&x, &out}) || !fits_index32(chunks)) return false;
     lrn_forward_nhwc_kernel<T, kFastLrnSize, kVec><<<grid_blocks(warps, kWarps), kThreads, 0, stream>>>(
-        xp, op, warps, chunks, static_cast<int>(C), prm);
+        xp, op, static_cast<int>(warps), static_cast<int>(chunks), static_cast<int>(C), prm);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+    return true;
   }
   constexpr int kVec = 4;
   const bool vec = HW % kVec == 0 && aligned_to(x, kVec * sizeof(T)) && aligned_to(out, kVec * sizeof(T));
   const int64_t pixel_vecs = N * HW / (vec ? kVec : 1);
+  if (!fits_index32(pixel_vecs)) return false;
   const int chunk = channel_chunk(pixel_vecs, C);
   const dim3 grid(grid_blocks(pixel_vecs, kThreads), static_cast<unsigned>(ceil_div(C, chunk)));
   const auto kernel = vec ? lrn_forward_nchw_kernel<T, kFastLrnSize, kVec, kForwardUnroll>
                           : lrn_forward_nchw_kernel<T, kFastLrnSize, 1, kForwardUnroll>;
-  kernel<<<grid, kThreads, 0, stream>>>(xp, op, pixel_vecs, HW, static_cast<int>(C), chunk, prm);
+  kernel<<<grid, kThreads, 0, stream>>>(xp, op, static_cast<int>(pixel_vecs), HW, static_cast<int>(C), chunk, prm);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
 }
 
 template <typename T>
-void lrn_backward_fast(const at::Tensor& g, const at::Tensor& x, at::Tensor& dx, const LrnParams<float>& prm,
+bool lrn_backward_fast(const at::Tensor& g, const at::Tensor& x, at::Tensor& dx, const LrnParams<float>& prm,
                        cudaStream_t stream) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const T* gp = g.const_data_ptr<T>();
@@ -679,21 +677,25 @@ void lrn_backward_fast(const at::Tensor& g, const at::Tensor& x, at::Tensor& dx,
   if (is_channels_last(output_memory_format(x))) {
     constexpr int kVec = 16 / sizeof(T);
     const int64_t chunks = x.numel() / kVec, warps = ceil_div(chunks, kProducingLanes);
+    if (!channels_last_vectors<T>(C, {&x, &g, &dx}) || !fits_index32(chunks)) return false;
     lrn_backward_nhwc_kernel<T, kFastLrnSize, kVec, false><<<grid_blocks(warps, kWarps), kThreads, 0, stream>>>(
-        gp, nullptr, xp, dp, 1, warps, chunks, static_cast<int>(C), PoolShape{}, prm);
+        gp, nullptr, xp, dp, 1, static_cast<int>(warps), static_cast<int>(chunks), static_cast<int>(C), PoolShape{},
+        prm);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+    return true;
   }
   constexpr int kVec = 4;
   const int64_t bytes = kVec * sizeof(T);
   const bool vec = HW % kVec == 0 && aligned_to(x, bytes) && aligned_to(g, bytes) && aligned_to(dx, bytes);
   const int64_t pixel_vecs = N * HW / (vec ? kVec : 1);
+  if (!fits_index32(pixel_vecs)) return false;
   const int chunk = channel_chunk(pixel_vecs, C);
   const dim3 grid(grid_blocks(pixel_vecs, kThreads), static_cast<unsigned>(ceil_div(C, chunk)));
   const auto kernel = vec ? lrn_backward_nchw_kernel<T, kFastLrnSize, kVec, kBackwardUnroll>
                           : lrn_backward_nchw_kernel<T, kFastLrnSize, 1, kBackwardUnroll>;
-  kernel<<<grid, kThreads, 0, stream>>>(gp, xp, dp, pixel_vecs, HW, static_cast<int>(C), chunk, prm);
+  kernel<<<grid, kThreads, 0, stream>>>(gp, xp, dp, static_cast<int>(pixel_vecs), HW, static_cast<int>(C), chunk, prm);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
 }
 
 at::Tensor lrn_cuda(const at::Tensor& x, int64_t size, double alpha, double beta, double k) {
@@ -711,8 +713,7 @@ at::Tensor lrn_cuda(const at::Tensor& x, int64_t size, double alpha, double beta
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrn_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       if (size == kFastLrnSize &&
-          (!is_channels_last(fmt) || channels_last_vectors<scalar_t>(x.size(1), {&xc, &out}))) {
-        lrn_forward_fast<scalar_t>(xc, out, make_lrn_params<float>(size, alpha, beta, k), stream);
+          lrn_forward_fast<scalar_t>(xc, out, make_lrn_params<float>(size, alpha, beta, k), stream)) {
         return;
       }
     }
@@ -754,8 +755,7 @@ at::Tensor lrn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrn_backward_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       if (size == kFastLrnSize &&
-          (!is_channels_last(fmt) || channels_last_vectors<scalar_t>(x.size(1), {&xc, &g, &dx}))) {
-        lrn_backward_fast<scalar_t>(g, xc, dx, make_lrn_params<float>(size, alpha, beta, k), stream);
+          lrn_backward_fast<scalar_t>(g, xc, dx, make_lrn_params<float>(size, alpha, beta, k), stream)) {
         return;
       }
     }
@@ -800,6 +800,7 @@ bool lrn_max_pool2d_forward_fast(const at::Tensor& x, at::Tensor& out, at::Tenso
   const T* xp = x.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
   uint8_t* ip = indices.mutable_data_ptr<uint8_t>();
+  const bool k3 = s.kh == 3 && s.kw == 3;  // AlexNet's window, unrolled
   if (is_channels_last(output_memory_format(x))) {
     constexpr int kVec = 16 / sizeof(T);
     if (!channels_last_vectors<T>(C, {&x, &out, &indices})) return false;
@@ -813,9 +814,10 @@ bool lrn_max_pool2d_forward_fast(const at::Tensor& x, at::Tensor& out, at::Tenso
     fr.strip_rows = static_cast<int>(ceil_div(s.OH, strips));
     fr.strips = static_cast<int>(ceil_div(s.OH, fr.strip_rows));
     const int64_t smem = ((fr.tow - 1) * s.sw + s.kw) * row_bytes;
-    lrn_max_pool2d_forward_nhwc_kernel<T, kFastLrnSize, kVec, kRollBatch>
-        <<<grid_blocks(N * fr.tiles_w * fr.strips, 1), kThreads, smem, stream>>>(xp, op, ip, static_cast<int>(C), s,
-                                                                                 fr, prm);
+    const auto kernel = k3 ? lrn_max_pool2d_forward_nhwc_kernel<T, kFastLrnSize, kVec, kRollBatch, 3, 3>
+                           : lrn_max_pool2d_forward_nhwc_kernel<T, kFastLrnSize, kVec, kRollBatch, 0, 0>;
+    kernel<<<grid_blocks(N * fr.tiles_w * fr.strips, 1), kThreads, smem, stream>>>(xp, op, ip, static_cast<int>(C),
+                                                                                   s, fr, prm);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
   }
@@ -823,8 +825,9 @@ bool lrn_max_pool2d_forward_fast(const at::Tensor& x, at::Tensor& out, at::Tenso
   const int64_t tiles = N * ft.tiles_w * ft.tiles_h;
   const int chunk = channel_chunk(tiles * kThreads, C);
   const dim3 grid(grid_blocks(tiles, 1), static_cast<unsigned>(ceil_div(C, chunk)));
-  lrn_max_pool2d_forward_nchw_kernel<T, kFastLrnSize, kTilePixels, kTileChannels>
-      <<<grid, kThreads, 0, stream>>>(xp, op, ip, static_cast<int>(C), chunk, s, ft, prm);
+  const auto kernel = k3 ? lrn_max_pool2d_forward_nchw_kernel<T, kFastLrnSize, kTilePixels, kTileChannels, 3, 3>
+                         : lrn_max_pool2d_forward_nchw_kernel<T, kFastLrnSize, kTilePixels, kTileChannels, 0, 0>;
+  kernel<<<grid, kThreads, 0, stream>>>(xp, op, ip, static_cast<int>(C), chunk, s, ft, prm);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -880,21 +883,23 @@ bool lrn_max_pool2d_backward_fast(const at::Tensor& g, const at::Tensor& x, cons
   T* dp = dx.mutable_data_ptr<T>();
   if (is_channels_last(output_memory_format(x))) {
     constexpr int kVec = 16 / sizeof(T);
-    if (!channels_last_vectors<T>(C, {&x, &g, &indices, &dx})) return false;
     const int64_t rows = N * s.H, row_chunks = s.W * C / kVec;
     const int64_t warps_per_row = ceil_div(row_chunks, kProducingLanes);
+    if (!channels_last_vectors<T>(C, {&x, &g, &indices, &dx}) || !fits_index32(rows * warps_per_row)) return false;
     lrn_backward_nhwc_kernel<T, kFastLrnSize, kVec, true>
         <<<grid_blocks(rows * warps_per_row, kWarps), kThreads, 0, stream>>>(
-            gp, ip, xp, dp, rows, warps_per_row, row_chunks, static_cast<int>(C), s, prm);
+            gp, ip, xp, dp, static_cast<int>(rows), static_cast<int>(warps_per_row), static_cast<int>(row_chunks),
+            static_cast<int>(C), s, prm);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
   }
-  if (s.kh != kCellK || s.kw != kCellK || s.sh != kCellS || s.sw != kCellS) return false;
   const int64_t cells_h = ceil_div(s.H, kCellS), cells_w = ceil_div(s.W, kCellS), cells = N * cells_h * cells_w;
+  if (s.kh != kCellK || s.kw != kCellK || s.sh != kCellS || s.sw != kCellS || !fits_index32(cells)) return false;
   const int chunk = channel_chunk(cells, C);
   const dim3 grid(grid_blocks(cells, kThreads), static_cast<unsigned>(ceil_div(C, chunk)));
   lrn_max_pool2d_backward_nchw_kernel<T, kFastLrnSize, kCellUnroll><<<grid, kThreads, 0, stream>>>(
-      gp, ip, xp, dp, cells, static_cast<int>(cells_h), static_cast<int>(cells_w), static_cast<int>(C), chunk, s, prm);
+      gp, ip, xp, dp, static_cast<int>(cells), static_cast<int>(cells_h), static_cast<int>(cells_w),
+      static_cast<int>(C), chunk, s, prm);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }

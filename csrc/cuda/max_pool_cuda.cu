@@ -17,87 +17,25 @@ namespace {
 
 // The pool shape with specialised kernels: AlexNet's.
 constexpr int kCellK = 3, kCellS = 2;
+// Planes per thread of the NCHW kernels: the per-thread index arithmetic is shared by them and
+// their loads are in flight together.
+constexpr int kPlanes = 4;
 
-// Window scan of one output at (hs, ws) = its unclipped top-left corner; KH = KW = 0 reads the
-// kernel size from `s`. `load(h, w)` returns the input at (h, w) in the comparison type A.
-template <int KH, int KW, typename A, typename Load>
-__device__ __forceinline__ void scan_window(const Load& load, int hs, int ws, const PoolShape& s, A& best,
-                                            int& arg) {
+// Window scan of one output position for NV lanes at once (planes, or channels), from the window's
+// unclipped top-left corner (hs, ws); KH = KW = 0 reads the kernel size from `s`.
+// load(h, w, v) fills v with the NV lanes' inputs at (h, w) in the comparison type A.
+template <int KH, int KW, int NV, typename A, typename Load>
+__device__ __forceinline__ void scan_window(const Load& load, int hs, int ws, const PoolShape& s, A (&best)[NV],
+                                            int (&arg)[NV]) {
   const int kh = KH > 0 ? KH : s.kh, kw = KW > 0 ? KW : s.kw;
   const int h0 = max(hs, 0), h1 = min(hs + kh, s.H), w0 = max(ws, 0), w1 = min(ws + kw, s.W);
-  best = -std::numeric_limits<A>::infinity();
-  arg = (h0 - hs) * kw + (w0 - ws);
-  if constexpr (KH > 0) {
 #pragma unroll
-    for (int a = 0; a < KH; ++a) {
-#pragma unroll
-      for (int b = 0; b < KW; ++b) {
-        const int h = hs + a, w = ws + b;
-        if (h >= h0 && h < h1 && w >= w0 && w < w1) {
-          const A v = load(h, w);
-          if (pool_takes(v, best)) best = v, arg = a * KW + b;
-        }
-      }
-    }
-  } else {
-    for (int h = h0; h < h1; ++h) {
-      for (int w = w0; w < w1; ++w) {
-        const A v = load(h, w);
-        if (pool_takes(v, best)) best = v, arg = (h - hs) * kw + (w - ws);
-      }
-    }
-  }
-}
-
-// grid: (ceil(OH*OW / kThreads), min(planes, 65535)); a block loops over planes blockIdx.y + k*gridDim.y.
-template <typename T, int KH, int KW>
-__global__ void __launch_bounds__(kThreads)
-    max_pool2d_forward_nchw_kernel(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ indices,
-                                   int64_t planes, PoolShape s) {
-  using A = at::opmath_type<T>;
-  const int o = blockIdx.x * kThreads + threadIdx.x;
-  if (o >= s.OH * s.OW) return;
-  const int oh = o / s.OW, ow = o - oh * s.OW;
-  for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
-    const T* xp = x + plane * s.H * s.W;
-    A best;
-    int arg;
-    scan_window<KH, KW>([&](int h, int w) { return static_cast<A>(xp[h * s.W + w]); }, oh * s.sh - s.ph,
-                        ow * s.sw - s.pw, s, best, arg);
-    out[plane * s.OH * s.OW + o] = static_cast<T>(best);
-    indices[plane * s.OH * s.OW + o] = static_cast<uint8_t>(arg);
-  }
-}
-
-// One thread per (output pixel, VEC channels); total = N*OH*OW*(C/VEC). Four blocks per SM is a
-// register budget of 64, which the 8-channel vectors fit without spills (left alone, ptxas picks
-// 48 and spills).
-template <typename T, int VEC, int KH, int KW>
-__global__ void __launch_bounds__(kThreads, 4)
-    max_pool2d_forward_nhwc_kernel(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ indices,
-                                   int64_t total, int C, PoolShape s) {
-  using A = at::opmath_type<T>;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (t >= total) return;
-  int64_t g, ow, oh;
-  const int64_t pix = divmod(t, C / VEC, g);
-  const int64_t n = divmod(divmod(pix, s.OW, ow), s.OH, oh);
-  const int c0 = static_cast<int>(g) * VEC;
-  const T* xn = x + n * s.H * s.W * C + c0;
-  const int hs = static_cast<int>(oh) * s.sh - s.ph, ws = static_cast<int>(ow) * s.sw - s.pw;
-  const int kh = KH > 0 ? KH : s.kh, kw = KW > 0 ? KW : s.kw;
-  const int h0 = max(hs, 0), h1 = min(hs + kh, s.H), w0 = max(ws, 0), w1 = min(ws + kw, s.W);
-  A best[VEC];
-  int arg[VEC];
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) best[i] = -std::numeric_limits<A>::infinity(), arg[i] = (h0 - hs) * kw + (w0 - ws);
+  for (int i = 0; i < NV; ++i) best[i] = -std::numeric_limits<A>::infinity(), arg[i] = (h0 - hs) * kw + (w0 - ws);
   const auto visit = [&](int h, int w, int offset) {
-    A v[VEC];
-    load_as<VEC>(xn + (static_cast<int64_t>(h) * s.W + w) * C, v);
+    A v[NV];
+    load(h, w, v);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      if (pool_takes(v[i], best[i])) best[i] = v[i], arg[i] = offset;
-    }
+    for (int i = 0; i < NV; ++i) pool_update(v[i], offset, best[i], arg[i]);
   };
   if constexpr (KH > 0) {
 #pragma unroll
@@ -112,44 +50,146 @@ __global__ void __launch_bounds__(kThreads, 4)
     for (int h = h0; h < h1; ++h)
       for (int w = w0; w < w1; ++w) visit(h, w, (h - hs) * kw + (w - ws));
   }
-  const int64_t o = t * VEC;
+}
+
+// NCHW: one thread per output position and kPlanes planes (blockIdx.y walks the groups of planes),
+// which share the window's offsets and bounds; consecutive threads take consecutive columns.
+
+template <typename T, int KH, int KW>
+__global__ void __launch_bounds__(kThreads)
+    max_pool2d_forward_nchw_kernel(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ indices,
+                                   int64_t planes, PoolShape s) {
+  using A = at::opmath_type<T>;
+  const int o = blockIdx.x * kThreads + threadIdx.x;
+  if (o >= s.OH * s.OW) return;
+  const int oh = o / s.OW, ow = o - oh * s.OW;
+  const int hs = oh * s.sh - s.ph, ws = ow * s.sw - s.pw;
+  const int64_t plane_in = static_cast<int64_t>(s.H) * s.W, plane_out = static_cast<int64_t>(s.OH) * s.OW;
+  // A fixed window: its element offsets and bounds once, then plain loads per plane.
+  int off[KH > 0 ? KH * KW : 1];
+  bool ok[KH > 0 ? KH * KW : 1];
+  if constexpr (KH > 0) {
+#pragma unroll
+    for (int q = 0; q < KH * KW; ++q) {
+      const int h = hs + q / KW, w = ws + q % KW;
+      ok[q] = h >= 0 && h < s.H && w >= 0 && w < s.W;
+      off[q] = h * s.W + w;
+    }
+  }
+  for (int64_t p0 = static_cast<int64_t>(blockIdx.y) * kPlanes; p0 < planes;
+       p0 += static_cast<int64_t>(gridDim.y) * kPlanes) {
+    const int count = static_cast<int>(std::min<int64_t>(kPlanes, planes - p0));
+    // Planes past the end repeat the last one (loaded, never stored): no predicated loads.
+    const T* xk[kPlanes];
+#pragma unroll
+    for (int k = 0; k < kPlanes; ++k) xk[k] = x + (p0 + min(k, count - 1)) * plane_in;
+    A best[kPlanes];
+    int arg[kPlanes];
+    if constexpr (KH > 0) {
+      const int first = (max(hs, 0) - hs) * KW + (max(ws, 0) - ws);
+#pragma unroll
+      for (int k = 0; k < kPlanes; ++k) best[k] = -std::numeric_limits<A>::infinity(), arg[k] = first;
+#pragma unroll
+      for (int q = 0; q < KH * KW; ++q) {
+        if (ok[q]) {
+#pragma unroll
+          for (int k = 0; k < kPlanes; ++k) pool_update(static_cast<A>(xk[k][off[q]]), q, best[k], arg[k]);
+        }
+      }
+    } else {
+      scan_window<KH, KW>(
+          [&](int h, int w, A (&v)[kPlanes]) {
+#pragma unroll
+            for (int k = 0; k < kPlanes; ++k) v[k] = static_cast<A>(xk[k][h * s.W + w]);
+          },
+          hs, ws, s, best, arg);
+    }
+#pragma unroll
+    for (int k = 0; k < kPlanes; ++k) {
+      if (k < count) {
+        out[(p0 + k) * plane_out + o] = static_cast<T>(best[k]);
+        indices[(p0 + k) * plane_out + o] = static_cast<uint8_t>(arg[k]);
+      }
+    }
+  }
+}
+
+// channels_last: one thread per (output pixel, VEC channels); total = N*OH*OW*(C/VEC). Four blocks
+// per SM is a register budget of 64, which the 8-channel vectors fit without spills (left alone,
+// ptxas picks 48 and spills).
+template <typename T, int VEC, int KH, int KW>
+__global__ void __launch_bounds__(kThreads, 4)
+    max_pool2d_forward_nhwc_kernel(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ indices,
+                                   int total, int C, PoolShape s) {
+  using A = at::opmath_type<T>;
+  const unsigned t = blockIdx.x * kThreads + threadIdx.x;
+  if (t >= static_cast<unsigned>(total)) return;
+  const unsigned pix = t / static_cast<unsigned>(C / VEC), row = pix / static_cast<unsigned>(s.OW);
+  const unsigned n = row / static_cast<unsigned>(s.OH);
+  const int c0 = static_cast<int>(t - pix * (C / VEC)) * VEC;
+  const int oh = static_cast<int>(row - n * s.OH), ow = static_cast<int>(pix - row * s.OW);
+  const T* xn = x + static_cast<int64_t>(n) * s.H * s.W * C + c0;
+  A best[VEC];
+  int arg[VEC];
+  scan_window<KH, KW>(
+      [&](int h, int w, A (&v)[VEC]) { load_as<VEC>(xn + (static_cast<int64_t>(h) * s.W + w) * C, v); },
+      oh * s.sh - s.ph, ow * s.sw - s.pw, s, best, arg);
+  const int64_t o = static_cast<int64_t>(t) * VEC;
   store_as<VEC>(out + o, best);
   store_as<VEC>(indices + o, arg);
 }
 
-// Backward for the 3x3/2 pool, NCHW: one thread per stride cell of a plane; grid as the forward's
-// with cells for outputs.
+// Backward for the 3x3/2 pool, NCHW: one thread per stride cell of a plane and kPlanes planes
+// (blockIdx.y walks the groups of planes), which share the cell's window and pixel offsets.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     max_pool2d_backward_cell_nchw_kernel(const T* __restrict__ grad, const uint8_t* __restrict__ indices,
                                          T* __restrict__ dx, int64_t planes, int cells_w, int cells, PoolShape s) {
   using Cell = PoolCell<kCellK, kCellK, kCellS, kCellS>;
   using A = at::opmath_type<T>;
+  constexpr int kPix = kCellS * kCellS, kWin = Cell::kWinH * Cell::kWinW;
   const int cell = blockIdx.x * kThreads + threadIdx.x;
   if (cell >= cells) return;
   const int i = cell / cells_w, j = cell - i * cells_w;
-  for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
-    const T* gp = grad + plane * s.OH * s.OW;
-    const uint8_t* ip = indices + plane * s.OH * s.OW;
-    A acc[kCellS][kCellS] = {};
+  int win_off[kWin], pix_off[kPix];
+  bool win_ok[kWin], pix_ok[kPix];
 #pragma unroll
-    for (int a = Cell::kWinH - 1; a >= 0; --a) {
+  for (int q = 0; q < kWin; ++q) {
+    // q ascending is (a, b) descending: the windows in (oh, ow) order.
+    const int oh = i - (Cell::kWinH - 1 - q / Cell::kWinW), ow = j - (Cell::kWinW - 1 - q % Cell::kWinW);
+    win_ok[q] = oh >= 0 && oh < s.OH && ow >= 0 && ow < s.OW;
+    win_off[q] = oh * s.OW + ow;
+  }
 #pragma unroll
-      for (int b = Cell::kWinW - 1; b >= 0; --b) {
-        const int oh = i - a, ow = j - b;
-        if (oh >= 0 && oh < s.OH && ow >= 0 && ow < s.OW) {
-          const int o = oh * s.OW + ow;
-          Cell::add(a, b, ip[o], static_cast<A>(gp[o]), acc);
+  for (int p = 0; p < kPix; ++p) {
+    const int h = i * kCellS - s.ph + p / kCellS, w = j * kCellS - s.pw + p % kCellS;
+    pix_ok[p] = h >= 0 && h < s.H && w >= 0 && w < s.W;
+    pix_off[p] = h * s.W + w;
+  }
+  const int64_t plane_in = static_cast<int64_t>(s.H) * s.W, plane_out = static_cast<int64_t>(s.OH) * s.OW;
+  for (int64_t p0 = static_cast<int64_t>(blockIdx.y) * kPlanes; p0 < planes;
+       p0 += static_cast<int64_t>(gridDim.y) * kPlanes) {
+    const int count = static_cast<int>(std::min<int64_t>(kPlanes, planes - p0));
+    const T* gp = grad + p0 * plane_out;
+    const uint8_t* ip = indices + p0 * plane_out;
+    A acc[kPlanes][kCellS][kCellS] = {};
+#pragma unroll
+    for (int q = 0; q < kWin; ++q) {
+#pragma unroll
+      for (int k = 0; k < kPlanes; ++k) {
+        if (win_ok[q] && k < count) {
+          const int64_t o = k * plane_out + win_off[q];
+          Cell::add(Cell::kWinH - 1 - q / Cell::kWinW, Cell::kWinW - 1 - q % Cell::kWinW, ip[o],
+                    static_cast<A>(gp[o]), acc[k]);
         }
       }
     }
-    T* dp = dx + plane * s.H * s.W;
+    T* dp = dx + p0 * plane_in;
 #pragma unroll
-    for (int r = 0; r < kCellS; ++r) {
+    for (int p = 0; p < kPix; ++p) {
 #pragma unroll
-      for (int c = 0; c < kCellS; ++c) {
-        const int h = i * kCellS - s.ph + r, w = j * kCellS - s.pw + c;
-        if (h >= 0 && h < s.H && w >= 0 && w < s.W) dp[h * s.W + w] = static_cast<T>(acc[r][c]);
+      for (int k = 0; k < kPlanes; ++k) {
+        if (pix_ok[p] && k < count) dp[k * plane_in + pix_off[p]] = static_cast<T>(acc[k][p / kCellS][p % kCellS]);
       }
     }
   }
@@ -160,24 +200,24 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     max_pool2d_backward_cell_nhwc_kernel(const T* __restrict__ grad, const uint8_t* __restrict__ indices,
-                                         T* __restrict__ dx, int64_t total, int C, int cells_h, int cells_w,
+                                         T* __restrict__ dx, int total, int C, int cells_h, int cells_w,
                                          PoolShape s) {
   using Cell = PoolCell<kCellK, kCellK, kCellS, kCellS>;
   using A = at::opmath_type<T>;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (t >= total) return;
-  int64_t g, j, i;
-  const int64_t cell = divmod(t, C / VEC, g);
-  const int64_t n = divmod(divmod(cell, cells_w, j), cells_h, i);
-  const int c0 = static_cast<int>(g) * VEC;
+  const unsigned t = blockIdx.x * kThreads + threadIdx.x;
+  if (t >= static_cast<unsigned>(total)) return;
+  const unsigned cell = t / static_cast<unsigned>(C / VEC), cell_row = cell / static_cast<unsigned>(cells_w);
+  const unsigned n = cell_row / static_cast<unsigned>(cells_h);
+  const int c0 = static_cast<int>(t - cell * (C / VEC)) * VEC;
+  const int i = static_cast<int>(cell_row - n * cells_h), j = static_cast<int>(cell - cell_row * cells_w);
   A acc[VEC][kCellS][kCellS] = {};
 #pragma unroll
   for (int a = Cell::kWinH - 1; a >= 0; --a) {
 #pragma unroll
     for (int b = Cell::kWinW - 1; b >= 0; --b) {
-      const int oh = static_cast<int>(i) - a, ow = static_cast<int>(j) - b;
+      const int oh = i - a, ow = j - b;
       if (oh >= 0 && oh < s.OH && ow >= 0 && ow < s.OW) {
-        const int64_t o = ((n * s.OH + oh) * s.OW + ow) * C + c0;
+        const int64_t o = ((static_cast<int64_t>(n) * s.OH + oh) * s.OW + ow) * C + c0;
         const Vec<uint8_t, VEC> k = load_vec<VEC>(indices + o);
         A gv[VEC];
         load_as<VEC>(grad + o, gv);
@@ -190,12 +230,12 @@ __global__ void __launch_bounds__(kThreads)
   for (int r = 0; r < kCellS; ++r) {
 #pragma unroll
     for (int c = 0; c < kCellS; ++c) {
-      const int h = static_cast<int>(i) * kCellS - s.ph + r, w = static_cast<int>(j) * kCellS - s.pw + c;
+      const int h = i * kCellS - s.ph + r, w = j * kCellS - s.pw + c;
       if (h >= 0 && h < s.H && w >= 0 && w < s.W) {
         A y[VEC];
 #pragma unroll
         for (int v = 0; v < VEC; ++v) y[v] = acc[v][r][c];
-        store_as<VEC>(dx + ((n * s.H + h) * s.W + w) * C + c0, y);
+        store_as<VEC>(dx + ((static_cast<int64_t>(n) * s.H + h) * s.W + w) * C + c0, y);
       }
     }
   }
@@ -225,9 +265,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Grid for the per-plane kernels: blockIdx.y walks the planes.
-dim3 plane_grid(int64_t per_plane, int64_t planes) {
-  return dim3(grid_blocks(per_plane, kThreads), static_cast<unsigned>(std::min<int64_t>(planes, 65535)));
+// Grid for the per-plane kernels: blockIdx.y walks the planes, planes_per_block at a time.
+dim3 plane_grid(int64_t per_plane, int64_t planes, int planes_per_block) {
+  return dim3(grid_blocks(per_plane, kThreads),
+              static_cast<unsigned>(std::min<int64_t>(ceil_div(planes, planes_per_block), 65535)));
 }
 
 std::tuple<at::Tensor, at::Tensor> max_pool2d_cuda(const at::Tensor& x, at::IntArrayRef kernel_size,
@@ -257,9 +298,11 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cuda(const at::Tensor& x, at::IntA
       constexpr int kVec = 16 / sizeof(scalar_t);
       const bool vec = C % kVec == 0 && aligned_to(xc, 16) && aligned_to(out, 16) && aligned_to(indices, kVec);
       const int64_t total = N * OH * OW * (vec ? C / kVec : C);
+      TORCH_CHECK(fits_index32(total), "max_pool2d: channels_last outputs of more than 2^31 ",
+                  vec ? "channel vectors" : "elements", " are not supported, got ", total);
       const unsigned blocks = grid_blocks(total, kThreads);
       const auto launch = [&](auto kernel) {
-        kernel<<<blocks, kThreads, 0, stream>>>(xp, op, ip, total, static_cast<int>(C), s);
+        kernel<<<blocks, kThreads, 0, stream>>>(xp, op, ip, static_cast<int>(total), static_cast<int>(C), s);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (vec) {
@@ -270,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cuda(const at::Tensor& x, at::IntA
            : launch(max_pool2d_forward_nhwc_kernel<scalar_t, 1, 0, 0>);
       }
     } else {
-      const dim3 grid = plane_grid(OH * OW, N * C);
+      const dim3 grid = plane_grid(OH * OW, N * C, kPlanes);
       const auto launch = [&](auto kernel) {
         kernel<<<grid, kThreads, 0, stream>>>(xp, op, ip, N * C, s);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -322,26 +365,26 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_out, const at::Tensor
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const uint8_t* ip = idx.const_data_ptr<uint8_t>();
     scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
-    if (!cell) {
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vec = C % kVec == 0 && aligned_to(g, 16) && aligned_to(dx, 16) && aligned_to(idx, kVec);
+    const int64_t cell_items = N * cells_h * cells_w * (vec ? C / kVec : C);
+    if (cell && channels_last && fits_index32(cell_items)) {
+      const auto kernel = vec ? max_pool2d_backward_cell_nhwc_kernel<scalar_t, kVec>
+                              : max_pool2d_backward_cell_nhwc_kernel<scalar_t, 1>;
+      kernel<<<grid_blocks(cell_items, kThreads), kThreads, 0, stream>>>(
+          gp, ip, dp, static_cast<int>(cell_items), static_cast<int>(C), static_cast<int>(cells_h),
+          static_cast<int>(cells_w), s);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (cell && !channels_last) {
+      const int64_t cells = cells_h * cells_w;
+      max_pool2d_backward_cell_nchw_kernel<scalar_t><<<plane_grid(cells, N * C, kPlanes), kThreads, 0, stream>>>(
+          gp, ip, dp, N * C, static_cast<int>(cells_w), static_cast<int>(cells), s);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
       const int64_t total = dx.numel();
       const auto kernel = channels_last ? max_pool2d_backward_generic_kernel<scalar_t, true>
                                         : max_pool2d_backward_generic_kernel<scalar_t, false>;
       kernel<<<strided_grid(total), kThreads, 0, stream>>>(gp, ip, dp, total, static_cast<int>(C), s);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else if (channels_last) {
-      constexpr int kVec = 16 / sizeof(scalar_t);
-      const bool vec = C % kVec == 0 && aligned_to(g, 16) && aligned_to(dx, 16) && aligned_to(idx, kVec);
-      const int64_t total = N * cells_h * cells_w * (vec ? C / kVec : C);
-      const auto kernel = vec ? max_pool2d_backward_cell_nhwc_kernel<scalar_t, kVec>
-                              : max_pool2d_backward_cell_nhwc_kernel<scalar_t, 1>;
-      kernel<<<grid_blocks(total, kThreads), kThreads, 0, stream>>>(gp, ip, dp, total, static_cast<int>(C),
-                                                                    static_cast<int>(cells_h),
-                                                                    static_cast<int>(cells_w), s);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      const int64_t cells = cells_h * cells_w;
-      max_pool2d_backward_cell_nchw_kernel<scalar_t><<<plane_grid(cells, N * C), kThreads, 0, stream>>>(
-          gp, ip, dp, N * C, static_cast<int>(cells_w), static_cast<int>(cells), s);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -253,8 +253,9 @@ def test_backends_train_alike(backend, device):
     initialization, batches, flips and dropout) give the same loss at every step, within 1e-3
     relative in float32 on the CPU and within the guide's bf16 bound on the GPU.
 
-    Triton on the CPU runs in the Triton interpreter, where one forward pass of this 72x72 batch
-    takes minutes; its kernels are checked op by op in the op tests instead, and here on the GPU."""
+    Triton on the CPU runs in the Triton interpreter, where one training step of this 72x72 batch
+    takes about three minutes on two cores (an hour for the 24 steps); its kernels are checked op by
+    op in the op tests instead, and here on the GPU."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     if device == "cpu" and backend == "triton":

@@ -9,6 +9,9 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
+# Small enough for a CPU in a few minutes; on a GPU try DEMO_TRAIN="--epochs 5 --lr 0.01 --amp bf16 --channels-last".
+DEMO_TRAIN ?= --limit 512 --epochs 3 --input-size 112 --batch-size 32 --lr 0.01
+
 .PHONY: install test test-fast demo bench bench-gpu sanitize lint clean
 
 $(PY):
@@ -30,7 +33,7 @@ test: install
 demo: install
 	$(VENV)/bin/alexnet-fast info
 	$(VENV)/bin/alexnet-fast bench --quick
-	$(VENV)/bin/alexnet-fast train --data synthetic --backend auto --limit 512 --epochs 2 --batch-size 64 --out runs/demo
+	$(VENV)/bin/alexnet-fast train --data synthetic --backend auto $(DEMO_TRAIN) --out runs/demo --overwrite
 
 bench: install
 	$(VENV)/bin/alexnet-fast bench --ops --train-step --out benchmarks/results

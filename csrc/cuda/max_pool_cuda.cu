@@ -170,26 +170,34 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t p0 = static_cast<int64_t>(blockIdx.y) * kPlanes; p0 < planes;
        p0 += static_cast<int64_t>(gridDim.y) * kPlanes) {
     const int count = static_cast<int>(std::min<int64_t>(kPlanes, planes - p0));
-    const T* gp = grad + p0 * plane_out;
-    const uint8_t* ip = indices + p0 * plane_out;
+    // Planes past the end repeat the last one (read, never written): no predicated loads.
+    const T* gk[kPlanes];
+    const uint8_t* ik[kPlanes];
+#pragma unroll
+    for (int k = 0; k < kPlanes; ++k) {
+      const int64_t plane = p0 + min(k, count - 1);
+      gk[k] = grad + plane * plane_out;
+      ik[k] = indices + plane * plane_out;
+    }
     A acc[kPlanes][kCellS][kCellS] = {};
 #pragma unroll
     for (int q = 0; q < kWin; ++q) {
+      if (win_ok[q]) {
 #pragma unroll
-      for (int k = 0; k < kPlanes; ++k) {
-        if (win_ok[q] && k < count) {
-          const int64_t o = k * plane_out + win_off[q];
-          Cell::add(Cell::kWinH - 1 - q / Cell::kWinW, Cell::kWinW - 1 - q % Cell::kWinW, ip[o],
-                    static_cast<A>(gp[o]), acc[k]);
+        for (int k = 0; k < kPlanes; ++k) {
+          Cell::add(Cell::kWinH - 1 - q / Cell::kWinW, Cell::kWinW - 1 - q % Cell::kWinW, ik[k][win_off[q]],
+                    static_cast<A>(gk[k][win_off[q]]), acc[k]);
         }
       }
     }
-    T* dp = dx + p0 * plane_in;
 #pragma unroll
-    for (int p = 0; p < kPix; ++p) {
+    for (int k = 0; k < kPlanes; ++k) {
+      if (k < count) {
+        T* dp = dx + (p0 + k) * plane_in;
 #pragma unroll
-      for (int k = 0; k < kPlanes; ++k) {
-        if (pix_ok[p] && k < count) dp[k * plane_in + pix_off[p]] = static_cast<T>(acc[k][p / kCellS][p % kCellS]);
+        for (int p = 0; p < kPix; ++p) {
+          if (pix_ok[p]) dp[pix_off[p]] = static_cast<T>(acc[k][p / kCellS][p % kCellS]);
+        }
       }
     }
   }

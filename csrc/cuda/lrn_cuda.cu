@@ -3,8 +3,8 @@
 // LRN mixes the channels of one pixel. For size 5 (AlexNet's; the register windows are compiled
 // for it) the work is laid out by memory layout:
 // * NCHW: a thread owns a pixel, or VEC consecutive pixels of a row, and walks the channels with
-//   the window of squares in registers (LrnForwardWindow, LrnBackwardWindow): x is read once and
-//   every load is coalesced along W. With few pixels the channels are split into groups, each
+//   the window of x in registers (LrnForwardWindow, LrnBackwardWindow): x is read once and every
+//   load is coalesced along W. With few pixels the channels are split into groups, each
 //   re-reading the few channels of its window halo.
 // * channels_last: a lane owns VEC channels of one pixel (a 16-byte load) and takes the window
 //   across lanes with shuffles (lane_window_sums).
@@ -474,10 +474,11 @@ __global__ void __launch_bounds__(kThreads)
   const int G = C / VEC, seg_chunks = tiw * G;
   const int seg_warps = (seg_chunks + kProducingLanes - 1) / kProducingLanes;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int kh = KH > 0 ? KH : s.kh;
   const T* xn = x + (static_cast<int64_t>(n) * s.H * s.W + static_cast<int64_t>(ow0) * s.sw) * C;
 
   for (int oh = oh_begin; oh < oh_end; ++oh) {
-    const int r_hi = oh * s.sh + s.kh;
+    const int r_hi = oh * s.sh + kh;
     const int r_lo = oh == oh_begin ? oh * s.sh : max(oh * s.sh, r_hi - s.sh);
     const int tasks = (r_hi - r_lo) * seg_warps;
     for (int t0 = warp; t0 < tasks; t0 += kWarps * B) {
@@ -496,7 +497,7 @@ __global__ void __launch_bounds__(kThreads)
           c0[b] = (q - px * G) * VEC;
           load_as<VEC>(xn + (static_cast<int64_t>(row) * s.W + px) * C + c0[b], xv[b]);
           produces[b] = lane >= 1 && lane <= kProducingLanes;
-          dst[b] = ((row % s.kh) * tiw + px) * C + c0[b];
+          dst[b] = ((row % kh) * tiw + px) * C + c0[b];
         }
       }
 #pragma unroll
@@ -518,7 +519,6 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t out_row = (static_cast<int64_t>(n) * s.OH + oh) * s.OW + ow0;
     for (int t = threadIdx.x; t < tow * G; t += kThreads) {
       const int pc = t / G, c0 = (t - pc * G) * VEC;
-      const int kh = KH > 0 ? KH : s.kh;
       float best[VEC];
       int arg[VEC];
       scan_inner_window<KH, KW>(

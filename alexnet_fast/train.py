@@ -869,9 +869,8 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    from alexnet_fast.backends import BACKENDS
-
+def add_checkpoint_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The checkpoint and test-data flags that ``eval`` and ``viz`` share."""
     p.add_argument("--checkpoint", required=True, help="a training checkpoint or a seed state_dict")
     p.add_argument(
         "--data",
@@ -882,6 +881,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="use at most N test images (default: the checkpoint's)")
     p.add_argument("--data-seed", type=int, help="seed of the synthetic dataset (default: the checkpoint's)")
     p.add_argument("--input-size", type=int, help="default: the checkpoint's, else 224")
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    from alexnet_fast.backends import BACKENDS
+
+    add_checkpoint_data_arguments(p)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--amp", choices=AMP_CHOICES, default="off")

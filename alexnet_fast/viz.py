@@ -497,21 +497,13 @@ def _viz(args) -> int:
 def add_commands(subparsers) -> None:
     """Add the ``viz`` subcommand to the ``alexnet-fast`` parser."""
     from alexnet_fast.backends import BACKENDS
+    from alexnet_fast.train import add_checkpoint_data_arguments
 
     p = subparsers.add_parser(
         "viz", help="PNG pictures of data, predictions, filters, feature maps, embeddings"
     )
-    p.add_argument("--checkpoint", required=True, help="a training checkpoint or a seed state_dict")
+    add_checkpoint_data_arguments(p)
     p.add_argument("--out", required=True, help="folder for the PNG files")
-    p.add_argument(
-        "--data",
-        choices=("synthetic", "stl10"),
-        help="default: the checkpoint's training data (stl10 for seed weights)",
-    )
-    p.add_argument("--data-dir", help="folder holding stl10_binary/ (default: the checkpoint's, else ./data)")
-    p.add_argument("--limit", type=int, help="use at most N test images (default: the checkpoint's)")
-    p.add_argument("--data-seed", type=int, help="seed of the synthetic dataset (default: the checkpoint's)")
-    p.add_argument("--input-size", type=int, help="default: the checkpoint's, else 224")
     p.add_argument(
         "--projection",
         choices=("tsne", "pca", "both"),

@@ -32,7 +32,7 @@ test: install
 
 demo: install
 	$(VENV)/bin/alexnet-fast info
-	$(VENV)/bin/alexnet-fast bench --quick
+	$(VENV)/bin/alexnet-fast bench --quick --out runs/bench
 	$(VENV)/bin/alexnet-fast train --data synthetic --backend auto $(DEMO_TRAIN) --out runs/demo --overwrite
 
 bench: install

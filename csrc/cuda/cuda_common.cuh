@@ -17,7 +17,7 @@
 #include <type_traits>
 
 #include "checks.h"
-#include "cpu/cpu_common.h"  // pooling argument checks and output sizes, shared with the CPU kernels
+#include "pool_shape.h"  // pooling argument checks and output sizes, shared with the CPU kernels
 
 namespace alexnet_fast::gpu {
 

@@ -839,9 +839,9 @@ std::tuple<at::Tensor, at::Tensor> lrn_max_pool2d_cuda(const at::Tensor& x, int6
   CHECK_DEVICE_TYPE(x, at::kCUDA);
   check_lrn_params(size, beta, k);
   const at::IntArrayRef padding(kNoPadding, 2);
-  cpu::check_pool_params(kernel_size, stride, padding);
+  check_pool_params(kernel_size, stride, padding);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const auto out_hw = cpu::pool_output_hw(H, W, kernel_size, stride, padding, false);
+  const auto out_hw = pool_output_hw(H, W, kernel_size, stride, padding, false);
   const int64_t OH = out_hw.first, OW = out_hw.second;
   check_plane(H, W, "x");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -913,9 +913,9 @@ at::Tensor lrn_max_pool2d_backward_cuda(const at::Tensor& grad_out, const at::Te
   CHECK_SAME_DEVICE(x, indices);
   check_lrn_params(size, beta, k);
   const at::IntArrayRef padding(kNoPadding, 2);
-  cpu::check_pool_params(kernel_size, stride, padding);
+  check_pool_params(kernel_size, stride, padding);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const auto out_hw = cpu::pool_output_hw(H, W, kernel_size, stride, padding, false);
+  const auto out_hw = pool_output_hw(H, W, kernel_size, stride, padding, false);
   const int64_t OH = out_hw.first, OW = out_hw.second;
   CHECK_SHAPE(grad_out, N, C, OH, OW);
   CHECK_SHAPE(indices, N, C, OH, OW);

@@ -284,9 +284,9 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cuda(const at::Tensor& x, at::IntA
   CHECK_4D(x);
   CHECK_FLOATING(x);
   CHECK_DEVICE_TYPE(x, at::kCUDA);
-  cpu::check_pool_params(kernel_size, stride, padding);
+  check_pool_params(kernel_size, stride, padding);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const auto out_hw = cpu::pool_output_hw(H, W, kernel_size, stride, padding, ceil_mode);
+  const auto out_hw = pool_output_hw(H, W, kernel_size, stride, padding, ceil_mode);
   const int64_t OH = out_hw.first, OW = out_hw.second;
   check_plane(H, W, "x");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -344,7 +344,7 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_out, const at::Tensor
   CHECK_PAIR(input_hw);
   CHECK_NONNEGATIVE(input_hw[0]);
   CHECK_NONNEGATIVE(input_hw[1]);
-  cpu::check_pool_params(kernel_size, stride, padding);
+  check_pool_params(kernel_size, stride, padding);
   TORCH_CHECK(indices.sizes() == grad_out.sizes(), "indices must have the shape of grad_out ", grad_out.sizes(),
               ", got ", indices.sizes());
   const int64_t N = grad_out.size(0), C = grad_out.size(1), OH = grad_out.size(2), OW = grad_out.size(3);
@@ -352,8 +352,8 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_out, const at::Tensor
   // The forward's output size, with or without ceil_mode (which the backward is not given).
   for (int d = 0; d < 2; ++d) {
     const int64_t in = input_hw[d], out = grad_out.size(2 + d);
-    TORCH_CHECK(out == cpu::pool_output_size(in, kernel_size[d], stride[d], padding[d], false) ||
-                    out == cpu::pool_output_size(in, kernel_size[d], stride[d], padding[d], true),
+    TORCH_CHECK(out == pool_output_size(in, kernel_size[d], stride[d], padding[d], false) ||
+                    out == pool_output_size(in, kernel_size[d], stride[d], padding[d], true),
                 "grad_out has ", out, " pooled ", d == 0 ? "rows" : "columns", ", which no pool of ", in,
                 " with kernel_size ", kernel_size, ", stride ", stride, ", padding ", padding, " gives");
   }

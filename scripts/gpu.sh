@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Build, test, sanitize and benchmark on a machine with an NVIDIA GPU and torch installed, in one
-# call (`make bench-gpu`). Stages: build test sanitize bench (default: all). Logs and results go to
-# $RESULTS_DIR (default gpu-results/); the last lines printed are a summary.
+# call (`make bench-gpu`). Stages: build test sanitize step ops (default: all; e.g.
+# `scripts/gpu.sh build test` for some). The test stage runs the GPU tests only (the CPU ones run in
+# CI) and prints one line per test, so a log cut short still says what passed. Logs and results go
+# to $RESULTS_DIR (default gpu-results/); the last lines printed are a summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS_DIR=${RESULTS_DIR:-gpu-results}
-STAGES=${*:-build test sanitize bench}
+STAGES=${*:-build test sanitize step ops}
 mkdir -p "$RESULTS_DIR"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -27,7 +29,8 @@ if stage build; then
 fi
 
 if stage test; then
-  $PY -m pytest tests -q -x --durations=15 -p no:cacheprovider 2>&1 | tee "$RESULTS_DIR/tests.log" | tail -40
+  $PY -m pytest tests -k cuda -v --tb=short --durations=15 -p no:cacheprovider 2>&1 | tee "$RESULTS_DIR/tests.log" \
+    | grep -E "FAILED|ERROR|passed|failed" | tail -40
   record tests "$(tail -1 "$RESULTS_DIR/tests.log")"
 fi
 
@@ -36,9 +39,14 @@ if stage sanitize; then
   record sanitize "exit ${PIPESTATUS[0]}"
 fi
 
-if stage bench; then
-  $PY -m alexnet_fast.cli bench --ops --train-step --out "$RESULTS_DIR" 2>&1 | tee "$RESULTS_DIR/bench.log" | tail -80
-  record bench "exit ${PIPESTATUS[0]}"
+if stage step; then
+  $PY -m alexnet_fast.cli bench --train-step --out "$RESULTS_DIR" 2>&1 | tee "$RESULTS_DIR/step.log" | tail -30
+  record step "exit ${PIPESTATUS[0]}"
+fi
+
+if stage ops; then
+  $PY -m alexnet_fast.cli bench --ops --out "$RESULTS_DIR" 2>&1 | tee "$RESULTS_DIR/ops.log" | tail -80
+  record ops "exit ${PIPESTATUS[0]}"
 fi
 
 printf '%s\n' "${summary[@]}"

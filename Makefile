@@ -12,7 +12,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp
 # Small enough for a CPU in a few minutes; on a GPU try DEMO_TRAIN="--epochs 5 --lr 0.01 --amp bf16 --channels-last".
 DEMO_TRAIN ?= --limit 512 --epochs 3 --input-size 112 --batch-size 32 --lr 0.01
 
-.PHONY: install test test-fast demo bench bench-gpu sanitize lint clean
+.PHONY: install test demo bench bench-gpu sanitize clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from alexnet_fast.cli import positive_int
+
 KEY = ("kernel", "provider", "mode", "shape", "dtype", "layout")
 FIELDS = KEY + (
     "op", "status", "ms", "ms_p20", "ms_p80", "images_per_s", "vs_eager", "vs_compile",
@@ -568,16 +570,6 @@ def _choices(allowed, what):
     return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 PROVIDERS = ("eager", "cudnn_fused", "compile", "native", "triton", "auto", "auto+compile", "auto+cudagraph")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
@@ -587,7 +579,7 @@ def add_commands(subparsers) -> None:
         "bench", help="benchmark the ops and the training step against eager, cuDNN and torch.compile",
         description="Benchmark every op (per AlexNet layer) and the whole training step against eager "
                     "PyTorch, cuDNN's fused conv+ReLU and torch.compile, in one run, with the roofline. "
-                    "Results are upserted into OUT/<device>.csv; plots and a markdown summary go next to it. "
+                    "Results are upserted into OUT/<gpu-or-cpu-name>.csv; plots and a markdown summary go next to it. "
                     "Without --ops or --train-step both run.")
     p.add_argument("--ops", action="store_true", help="per-op benchmarks (conv+ReLU per layer, LRN, max-pool, LRN->max-pool)")
     p.add_argument("--train-step", action="store_true", help="the whole training step of the seed AlexNet")
@@ -597,8 +589,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--dtype", type=_choices(DTYPES, "--dtype"), help=f"comma-separated, from {', '.join(DTYPES)}")
     p.add_argument("--layout", type=_choices(LAYOUTS, "--layout"), help="nchw and/or nhwc (channels_last)")
     p.add_argument("--mode", type=_choices(MODES, "--mode"), help="per-op modes: fwd, bwd, fwd+bwd")
-    p.add_argument("--batch-size", type=_positive_int, help="batch size (default 128 for ops, 128 and 256 for the step)")
-    p.add_argument("--image-size", type=_positive_int, help="input height/width (default 224)")
+    p.add_argument("--batch-size", type=positive_int, help="batch size (default 128 for ops, 128 and 256 for the step)")
+    p.add_argument("--image-size", type=positive_int, help="input height/width (default 224)")
     p.add_argument("--providers", type=_choices(PROVIDERS, "--providers"), help=f"comma-separated, from {', '.join(PROVIDERS)}")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT})")

@@ -6,6 +6,17 @@ import importlib
 import sys
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes: the flag's error names it and what was expected."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _cmd_info(args) -> int:
     from alexnet_fast.info import format_info, info
 

@@ -6,8 +6,7 @@ import platform
 import torch
 
 from alexnet_fast import autotable, backends
-
-OPS = ("conv2d_relu", "lrn", "max_pool2d", "lrn_max_pool2d")
+from alexnet_fast.autograd import ALL_OPS as OPS
 
 
 def info() -> dict:

@@ -10,7 +10,6 @@ Autocast: ``conv2d_relu`` runs in the autocast dtype as ``F.conv2d`` does; ``lrn
 """
 from __future__ import annotations
 
-import importlib
 import numbers
 
 import torch
@@ -84,6 +83,8 @@ def _check_pool(x: Tensor, kernel_size, stride, padding, ceil_mode):
 
 def _check_conv(x: Tensor, weight, bias, stride, padding):
     _check_input(weight, "weight")
+    if weight.shape[0] < 1 or min(weight.shape[-2:]) < 1:
+        raise ValueError(f"weight must have at least one output channel and a non-empty kernel, got shape {tuple(weight.shape)}")
     if weight.shape[1] != x.shape[1]:
         raise ValueError(
             f"weight must have x's {x.shape[1]} input channels in dim 1 (groups=1), got shape {tuple(weight.shape)}")
@@ -114,7 +115,7 @@ def _autocast(x: Tensor, weight: Tensor, bias):
     """Cast conv operands as autocast would for F.conv2d; the ops carry no Autocast kernel, so a
     direct torch.ops call runs in the dtypes it is given."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:  # autocast leaves float64 alone
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from alexnet_fast.cli import positive_int
 from alexnet_fast.metrics import COLUMNS, TOPK, topk_accuracies, topk_correct
 
 __all__ = [
@@ -403,10 +404,18 @@ def _validate_config(config: TrainConfig) -> None:
             raise ConfigError(message)
 
 
+def _run_dir(checkpoint_path: str) -> str:
+    """The run folder a checkpoint belongs to: ``RUN`` for ``RUN/last.pt`` and
+    ``RUN/checkpoints/epoch_NNN.pt``."""
+    folder = os.path.dirname(os.path.abspath(checkpoint_path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+
+
 def _prune_checkpoints(directory: str, keep: int) -> None:
     if keep == 0:
         return
-    files = sorted(f for f in os.listdir(directory) if f.startswith("epoch_") and f.endswith(".pt"))
+    files = sorted((f for f in os.listdir(directory) if f.startswith("epoch_") and f.endswith(".pt")),
+                   key=lambda f: int(f[len("epoch_"):-len(".pt")]))  # numeric: epoch_1000 after epoch_999
     for name in files[:-keep]:
         os.remove(os.path.join(directory, name))
 
@@ -464,7 +473,9 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 GEMMs, as cuDNN convs do
         out = config.out if main_process else None
         if out is not None:
-            _prepare_out_dir(out, resuming=ckpt is not None, overwrite=overwrite)
+            # resuming writes into the run's own folder only; another folder holding a run is kept
+            same_run = resume is not None and os.path.realpath(out) == os.path.realpath(_run_dir(resume))
+            _prepare_out_dir(out, resuming=same_run, overwrite=overwrite)
 
         train_set = load_dataset(config.data, "train", config.data_dir, config.limit, config.data_seed)
         test_set = load_dataset(config.data, "test", config.data_dir, config.limit, config.data_seed)
@@ -643,8 +654,7 @@ def _resumed_config(
     if unknown:
         raise ConfigError(f"{path}: its config has fields this version does not know: {sorted(unknown)}")
     config = TrainConfig(**saved)
-    folder = os.path.dirname(os.path.abspath(path))
-    config.out = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+    config.out = _run_dir(path)
     if explicit is None:
         defaults = TrainConfig()
         explicit = {k: getattr(requested, k) for k in names if getattr(requested, k) != getattr(defaults, k)}
@@ -748,8 +758,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--channels-last", action=argparse.BooleanOptionalAction, help="channels_last model and inputs"
     )
-    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", type=int, help=f"images per step and process (default {d.batch_size})")
+    p.add_argument("--epochs", type=positive_int, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=positive_int, help=f"images per step and process (default {d.batch_size})")
     p.add_argument("--lr", type=float, help=f"SGD learning rate (default {d.lr})")
     p.add_argument("--momentum", type=float, help=f"default {d.momentum}")
     p.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
@@ -762,13 +772,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help=f"folder holding stl10_binary/ (default {d.data_dir})")
     p.add_argument(
         "--limit",
-        type=int,
+        type=positive_int,
         help="use at most N training and N test images (synthetic data: generate N of each; "
         "default 5000 and 8000, STL-10's sizes)",
     )
     p.add_argument("--data-seed", type=int, help=f"seed of the synthetic dataset (default {d.data_seed})")
     p.add_argument(
-        "--input-size", type=int, help=f"images are resized to this square size (default {d.input_size})"
+        "--input-size", type=positive_int, help=f"images are resized to this square size (default {d.input_size})"
     )
     p.add_argument(
         "--seed", type=int, help=f"seed of initialization, shuffling, flips, dropout (default {d.seed})"
@@ -878,7 +888,7 @@ def add_checkpoint_data_arguments(p: argparse.ArgumentParser) -> None:
         help="default: the checkpoint's training data (stl10 for seed weights)",
     )
     p.add_argument("--data-dir", help="folder holding stl10_binary/ (default: the checkpoint's, else ./data)")
-    p.add_argument("--limit", type=int, help="use at most N test images (default: the checkpoint's)")
+    p.add_argument("--limit", type=positive_int, help="use at most N test images (default: the checkpoint's)")
     p.add_argument("--data-seed", type=int, help="seed of the synthetic dataset (default: the checkpoint's)")
     p.add_argument("--input-size", type=int, help="default: the checkpoint's, else 224")
 
@@ -887,7 +897,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     from alexnet_fast.backends import BACKENDS
 
     add_checkpoint_data_arguments(p)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--amp", choices=AMP_CHOICES, default="off")
     p.add_argument("--channels-last", action="store_true")

@@ -497,6 +497,7 @@ def _viz(args) -> int:
 def add_commands(subparsers) -> None:
     """Add the ``viz`` subcommand to the ``alexnet-fast`` parser."""
     from alexnet_fast.backends import BACKENDS
+    from alexnet_fast.cli import positive_int
     from alexnet_fast.train import add_checkpoint_data_arguments
 
     p = subparsers.add_parser(
@@ -514,8 +515,8 @@ def add_commands(subparsers) -> None:
         "--layers", default="all", help="features indices whose maps to draw, e.g. 0,1 (default all)"
     )
     p.add_argument("--image-index", type=int, default=0, help="test image whose feature maps to draw")
-    p.add_argument("--num-images", type=int, default=16, help="images per grid")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-images", type=positive_int, default=16, help="images per grid")
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--device", help="default: the GPU when there is one")
     p.set_defaults(func=_cmd_viz)

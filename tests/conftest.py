@@ -61,11 +61,6 @@ def assert_close(out, ref, dtype, kind, tf32=False, what="output"):
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g} ({dtype}, {kind})"
 
 
-def poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fill a buffer with NaN (or the max value for integer tensors) so unwritten elements fail."""
-    return t.fill_(float("nan") if t.is_floating_point() else 255)
-
-
 def skip_unless_available(backend: str, device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")

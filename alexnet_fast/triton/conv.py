@@ -429,7 +429,7 @@ def _conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[in
         return (triton.cdiv(n * oh * ow, meta["BLOCK_M"]) * triton.cdiv(co, meta["BLOCK_N"]),)
 
     wrap_triton(_FORWARD[x.element_size()])[grid](
-        x_nhwc, w_k, bias if bias is not None else w_k, out,
+        x_nhwc, w_k, bias.contiguous() if bias is not None else w_k, out,  # the kernel reads bias with stride 1
         n, h, w, c, oh, ow, co, *out.stride(),
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
         HAS_BIAS=bias is not None, FLAT_K=_flat_k(c), PRECISION=precision, UPCAST=upcast)

@@ -33,6 +33,10 @@ inline void check_pool_params(at::IntArrayRef kernel_size, at::IntArrayRef strid
   CHECK_POSITIVE(stride[1]);
   CHECK_NONNEGATIVE(padding[0]);
   CHECK_NONNEGATIVE(padding[1]);
+  // the kernels hold pooling geometry in 32-bit ints
+  TORCH_CHECK(stride[0] <= INT32_MAX && stride[1] <= INT32_MAX && kernel_size[0] <= INT32_MAX &&
+                  kernel_size[1] <= INT32_MAX && padding[0] <= INT32_MAX && padding[1] <= INT32_MAX,
+              "kernel_size, stride and padding must fit in 32 bits, got ", kernel_size, ", ", stride, ", ", padding);
   TORCH_CHECK(kernel_size[0] * kernel_size[1] <= kMaxPoolWindow, "kernel_size ", kernel_size, " has more than ",
               kMaxPoolWindow, " elements (indices are uint8)");
   TORCH_CHECK(2 * padding[0] <= kernel_size[0] && 2 * padding[1] <= kernel_size[1], "padding ", padding,

@@ -161,7 +161,8 @@ at::Tensor masked_grad(const at::Tensor& grad_out, const at::Tensor& out, int64_
   const scalar_t* op = out.const_data_ptr<scalar_t>();
   const Strides4 gs(grad_out), os(out);
   parallel_for_nchw(nb, g.C_out, g.OH, g.OW, channels_last, 1, [&](int64_t n, int64_t co, int64_t oh, int64_t ow) {
-    const bool active = static_cast<acc_t>(op[os(n0 + n, co, oh, ow)]) > acc_t(0);
+    // threshold_backward's rule: only out <= 0 blocks the gradient (a NaN output passes it)
+    const bool active = !(static_cast<acc_t>(op[os(n0 + n, co, oh, ow)]) <= acc_t(0));
     gm((n * g.OH + oh) * g.OW + ow, co) = active ? static_cast<acc_t>(gp[gs(n0 + n, co, oh, ow)]) : acc_t(0);
   });
   return grad;

@@ -141,7 +141,7 @@ at::Tensor lrn_backward_impl(const at::Tensor& grad_out, const at::Tensor& x, in
       lrn_denominator(xt, C, T, p, sq, s);
       for (int64_t i = 0; i < C * T; ++i) {
         const acc_t scale = std::pow(s[i], -p.beta);
-        sq[i] = gt[i] * xt[i] * scale / s[i];
+        sq[i] = p.grad_coef == 0 ? acc_t(0) : gt[i] * xt[i] * scale / s[i];  // beta = 0 allows s = 0
         gt[i] *= scale;
       }
       for (int64_t c = 0; c < C; ++c) {

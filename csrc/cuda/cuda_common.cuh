@@ -485,7 +485,8 @@ inline void check_plane(int64_t h, int64_t w, const char* what) {
 // are busy.
 inline int channel_chunk(int64_t threads, int64_t C) {
   const int64_t target = kTargetThreadsPerSm * sm_count();
-  const int64_t max_groups = std::max<int64_t>(1, C / kMinChannelsPerGroup);
+  // the groups become grid.y, which holds at most 65535 blocks
+  const int64_t max_groups = std::clamp<int64_t>(C / kMinChannelsPerGroup, 1, 65535);
   const int64_t groups = std::clamp<int64_t>(ceil_div(target, std::max<int64_t>(threads, 1)), 1, max_groups);
   return static_cast<int>(ceil_div(C, groups));
 }

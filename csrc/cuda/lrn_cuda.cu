@@ -885,7 +885,8 @@ bool lrn_max_pool2d_backward_fast(const at::Tensor& g, const at::Tensor& x, cons
     constexpr int kVec = 16 / sizeof(T);
     const int64_t rows = N * s.H, row_chunks = s.W * C / kVec;
     const int64_t warps_per_row = ceil_div(row_chunks, kProducingLanes);
-    if (!channels_last_vectors<T>(C, {&x, &g, &indices, &dx}) || !fits_index32(rows * warps_per_row)) return false;
+    if (!channels_last_vectors<T>(C, {&x, &g, &indices, &dx}) || !fits_index32(rows * warps_per_row) ||
+        !fits_index32(row_chunks + 32)) return false;
     lrn_backward_nhwc_kernel<T, kFastLrnSize, kVec, true>
         <<<grid_blocks(rows * warps_per_row, kWarps), kThreads, 0, stream>>>(
             gp, ip, xp, dp, static_cast<int>(rows), static_cast<int>(warps_per_row), static_cast<int>(row_chunks),

@@ -289,6 +289,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cuda(const at::Tensor& x, at::IntA
   const auto out_hw = pool_output_hw(H, W, kernel_size, stride, padding, ceil_mode);
   const int64_t OH = out_hw.first, OW = out_hw.second;
   check_plane(H, W, "x");
+  check_plane(OH, OW, "out");  // padding can make the output plane larger than the input's
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = output_memory_format(x);
   const at::Tensor xc = x.contiguous(fmt);

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from alexnet_fast.reference import conv_output_size, pool_output_size
+
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
 INDEX_BYTES = 1  # uint8 window offsets (alexnet_fast.reference.max_pool2d_indices)
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -58,11 +60,11 @@ def _numel(shape) -> int:
 
 
 def conv_out_hw(h: int, w: int, kernel: int, stride: int, padding: int) -> tuple[int, int]:
-    return (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+    return conv_output_size(h, kernel, stride, padding), conv_output_size(w, kernel, stride, padding)
 
 
 def pool_out_hw(h: int, w: int, kernel: int, stride: int) -> tuple[int, int]:
-    return (h - kernel) // stride + 1, (w - kernel) // stride + 1
+    return pool_output_size(h, kernel, stride, 0, False), pool_output_size(w, kernel, stride, 0, False)
 
 
 def conv_work(shape, c_out: int, kernel: int, stride: int, padding: int, dtype: str,

@@ -18,6 +18,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from alexnet_fast.backends import autotune_enabled, triton_interpreted
+from alexnet_fast.ops import MAX_POOL_WINDOW
 
 _shapes_only = contextvars.ContextVar("alexnet_fast_triton_shapes_only", default=False)
 
@@ -69,8 +70,9 @@ def check_pool_args(kernel_size, stride, padding=(0, 0)) -> None:
         if len(v) != 2 or min(v) < least:
             what = "positive" if least else "non-negative"
             raise ValueError(f"{name} must be 2 {what} ints, got {list(v)}")
-    if kernel_size[0] * kernel_size[1] > 256:
-        raise ValueError(f"kernel_size {list(kernel_size)} has more than 256 elements (indices are uint8)")
+    if kernel_size[0] * kernel_size[1] > MAX_POOL_WINDOW:
+        raise ValueError(
+            f"kernel_size {list(kernel_size)} has more than {MAX_POOL_WINDOW} elements (indices are uint8)")
     if any(2 * p > k for p, k in zip(padding, kernel_size)):
         raise ValueError(f"padding {list(padding)} must be at most half of kernel_size {list(kernel_size)}")
 

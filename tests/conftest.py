@@ -82,6 +82,15 @@ def backend(request, device):
     return request.param
 
 
+def pytest_runtest_logreport(report):
+    """With ALEXNET_FAST_FAILURE_LOG set, append each failure's traceback to that file as it
+    happens, so a GPU run stopped at its time limit still says why a test failed."""
+    path = os.environ.get("ALEXNET_FAST_FAILURE_LOG")
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(path, "a") as f:
+            f.write(f"== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -96,13 +105,15 @@ def assert_layout(t: torch.Tensor, layout: str, what: str = "output") -> None:
     assert t.is_contiguous(memory_format=fmt), f"{what} is not {layout} (strides {t.stride()})"
 
 
-def kernel_dtypes(backend: str, device: str):
+@pytest.fixture(params=[torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                ids=lambda d: str(d).removeprefix("torch."))
+def dtype(request, backend, device):
     """Dtypes each kernel backend must support: the GPU kernels float32/float16/bfloat16; the C++
-    CPU kernels also float64 (the dtype of gradcheck)."""
-    dtypes = [torch.float32, torch.bfloat16, torch.float16]
-    if backend == "native" and device == "cpu":
-        dtypes.append(torch.float64)
-    return dtypes
+    CPU kernels also float64 (the dtype of gradcheck). One test per dtype, so that a parallel run
+    spreads the (slow) first compilation of each Triton kernel over processes."""
+    if request.param == torch.float64 and not (backend == "native" and device == "cpu"):
+        pytest.skip("float64 is a dtype of the C++ CPU kernels only")
+    return request.param
 
 
 def random_input(shape, dtype, device, layout="contiguous", relu=False, scale=1.0):

@@ -2,7 +2,7 @@
 F.conv2d + ReLU in float64."""
 import pytest
 import torch
-from conftest import assert_close, assert_layout, kernel_dtypes, random_input, tolerance
+from conftest import assert_close, assert_layout, random_input, tolerance
 
 from alexnet_fast import backends, ops, reference
 
@@ -23,7 +23,9 @@ CUDA_CASES = CPU_CASES + [
 ]
 
 
-def _run(backend, device, dtype, layout, xs, ws, stride, padding, bias=True, x_grad=True, tf32=False):
+def _run(backend, device, dtype, layout, xs, ws, stride, padding, bias=True, x_grad=True):
+    # PyTorch's rule, which the kernels follow: float32 convolutions on CUDA use TF32 when cuDNN may.
+    tf32 = dtype == torch.float32 and device == "cuda" and torch.backends.cudnn.allow_tf32
     what = f"{backend} {dtype} {layout} x={xs} w={ws} s={stride} p={padding} bias={bias} tf32={tf32}"
     x = random_input(xs, dtype, device, layout).requires_grad_(x_grad)
     w = (random_input(ws, dtype, device) / (ws[1] * ws[2] * ws[3]) ** 0.5).requires_grad_()
@@ -58,14 +60,13 @@ def _run(backend, device, dtype, layout, xs, ws, stride, padding, bias=True, x_g
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_conv_relu(backend, device, layout):
+def test_conv_relu(backend, device, dtype, layout):
     tf32_flag = torch.backends.cudnn.allow_tf32
     try:
-        for dtype in kernel_dtypes(backend, device):
-            for allow_tf32 in ([False, True] if dtype == torch.float32 and device == "cuda" else [False]):
-                torch.backends.cudnn.allow_tf32 = allow_tf32
-                for case in CPU_CASES if device == "cpu" else CUDA_CASES:
-                    _run(backend, device, dtype, layout, *case, tf32=allow_tf32)
+        for allow_tf32 in ([False, True] if dtype == torch.float32 and device == "cuda" else [False]):
+            torch.backends.cudnn.allow_tf32 = allow_tf32
+            for case in CPU_CASES if device == "cpu" else CUDA_CASES:
+                _run(backend, device, dtype, layout, *case)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32_flag
 

@@ -1,7 +1,7 @@
 """LRN kernels (native C++/CUDA and Triton) against the float64 PyTorch reference."""
 import pytest
 import torch
-from conftest import assert_close, assert_layout, kernel_dtypes, random_input
+from conftest import assert_close, assert_layout, random_input
 
 from alexnet_fast import ops, reference
 
@@ -17,22 +17,21 @@ def cases(device):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("alpha,beta,k", PARAMS)
-def test_lrn_forward_backward(backend, device, layout, alpha, beta, k):
-    for dtype in kernel_dtypes(backend, device):
-        for shape, size in cases(device):
-            x = random_input(shape, dtype, device, layout, scale=3.0).requires_grad_()
-            out = ops.lrn(x, size, alpha, beta, k, backend=backend)
-            x64 = x.detach().double().cpu().requires_grad_()
-            ref = reference.lrn(x64, size, alpha, beta, k)
-            what = f"{backend} {dtype} {layout} {shape} size={size}"
-            assert out.dtype == dtype
-            assert_layout(out, layout, what)
-            assert_close(out, ref, dtype, "elementwise", what=f"lrn {what}")
-            g = random_input(shape, dtype, device, layout)
-            (gx,) = torch.autograd.grad(out, x, g)
-            (gref,) = torch.autograd.grad(ref, x64, g.double().cpu())
-            assert_layout(gx, layout, f"grad {what}")
-            assert_close(gx, gref, dtype, "elementwise", what=f"lrn grad {what}")
+def test_lrn_forward_backward(backend, device, dtype, layout, alpha, beta, k):
+    for shape, size in cases(device):
+        x = random_input(shape, dtype, device, layout, scale=3.0).requires_grad_()
+        out = ops.lrn(x, size, alpha, beta, k, backend=backend)
+        x64 = x.detach().double().cpu().requires_grad_()
+        ref = reference.lrn(x64, size, alpha, beta, k)
+        what = f"{backend} {dtype} {layout} {shape} size={size}"
+        assert out.dtype == dtype
+        assert_layout(out, layout, what)
+        assert_close(out, ref, dtype, "elementwise", what=f"lrn {what}")
+        g = random_input(shape, dtype, device, layout)
+        (gx,) = torch.autograd.grad(out, x, g)
+        (gref,) = torch.autograd.grad(ref, x64, g.double().cpu())
+        assert_layout(gx, layout, f"grad {what}")
+        assert_close(gx, gref, dtype, "elementwise", what=f"lrn grad {what}")
 
 
 def test_lrn_empty_batch(backend, device):

@@ -2,7 +2,7 @@
 unfused ops would choose them in the output dtype."""
 import pytest
 import torch
-from conftest import assert_close, assert_layout, kernel_dtypes, pool_by_indices, random_input
+from conftest import assert_close, assert_layout, pool_by_indices, random_input
 
 from alexnet_fast import backends, ops, reference
 
@@ -38,33 +38,32 @@ def _check_half_winners(x, size, kernel, stride, idx, ref_idx, what):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("relu", [False, True], ids=["randn", "relu-ties"])
-def test_lrn_max_pool_forward_backward(backend, device, layout, relu):
-    for dtype in kernel_dtypes(backend, device):
-        for shape, size, kernel, stride in CPU_CASES if device == "cpu" else CUDA_CASES:
-            x = random_input(shape, dtype, device, layout, relu=relu, scale=3.0).requires_grad_()
-            what = f"{backend} {dtype} {layout} {shape} size={size} k={kernel} s={stride}"
-            out = ops.lrn_max_pool2d(x, size, **LRN, kernel_size=kernel, stride=stride, backend=backend)
-            assert out.dtype == dtype
-            assert_layout(out, layout, what)
-            impl = ops.kernels(backend)
-            _, idx = impl.lrn_max_pool2d(x.detach(), size, *LRN.values(), list(kernel), list(stride))
-            ref_idx = reference_indices(x.detach(), size, kernel, stride)
-            if dtype in (torch.float32, torch.float64):
-                assert torch.equal(idx.cpu(), ref_idx), f"winners differ: {what}"
-            else:
-                _check_half_winners(x.detach(), size, kernel, stride, idx.cpu(), ref_idx, what)
-                ref_idx = idx.cpu()
-            x64 = x.detach().double().cpu().requires_grad_()
-            ref = pool_by_indices(reference.lrn(x64, size, **LRN), ref_idx, kernel, stride)
-            assert_close(out, ref, dtype, "elementwise", what=f"lrn_max_pool2d {what}")
-            if dtype in (torch.float32, torch.float64):  # the winners are unambiguous: the plain composition
-                plain = reference.lrn_max_pool2d(x64, size, **LRN, kernel_size=kernel, stride=stride)
-                assert_close(out, plain, dtype, "elementwise", what=f"vs max_pool2d(lrn) {what}")
-            g = random_input(out.shape, dtype, device, layout)
-            (gx,) = torch.autograd.grad(out, x, g)
-            (gref,) = torch.autograd.grad(ref, x64, g.double().cpu())
-            assert_layout(gx, layout, f"grad {what}")
-            assert_close(gx, gref, dtype, "elementwise", what=f"lrn_max_pool2d grad {what}")
+def test_lrn_max_pool_forward_backward(backend, device, dtype, layout, relu):
+    for shape, size, kernel, stride in CPU_CASES if device == "cpu" else CUDA_CASES:
+        x = random_input(shape, dtype, device, layout, relu=relu, scale=3.0).requires_grad_()
+        what = f"{backend} {dtype} {layout} {shape} size={size} k={kernel} s={stride}"
+        out = ops.lrn_max_pool2d(x, size, **LRN, kernel_size=kernel, stride=stride, backend=backend)
+        assert out.dtype == dtype
+        assert_layout(out, layout, what)
+        impl = ops.kernels(backend)
+        _, idx = impl.lrn_max_pool2d(x.detach(), size, *LRN.values(), list(kernel), list(stride))
+        ref_idx = reference_indices(x.detach(), size, kernel, stride)
+        if dtype in (torch.float32, torch.float64):
+            assert torch.equal(idx.cpu(), ref_idx), f"winners differ: {what}"
+        else:
+            _check_half_winners(x.detach(), size, kernel, stride, idx.cpu(), ref_idx, what)
+            ref_idx = idx.cpu()
+        x64 = x.detach().double().cpu().requires_grad_()
+        ref = pool_by_indices(reference.lrn(x64, size, **LRN), ref_idx, kernel, stride)
+        assert_close(out, ref, dtype, "elementwise", what=f"lrn_max_pool2d {what}")
+        if dtype in (torch.float32, torch.float64):  # the winners are unambiguous: the plain composition
+            plain = reference.lrn_max_pool2d(x64, size, **LRN, kernel_size=kernel, stride=stride)
+            assert_close(out, plain, dtype, "elementwise", what=f"vs max_pool2d(lrn) {what}")
+        g = random_input(out.shape, dtype, device, layout)
+        (gx,) = torch.autograd.grad(out, x, g)
+        (gref,) = torch.autograd.grad(ref, x64, g.double().cpu())
+        assert_layout(gx, layout, f"grad {what}")
+        assert_close(gx, gref, dtype, "elementwise", what=f"lrn_max_pool2d grad {what}")
 
 
 def test_lrn_max_pool_empty_batch(backend, device):

@@ -1,7 +1,7 @@
 """Max-pool kernels against PyTorch: exact values, the same winners (ties, NaN), gradients."""
 import pytest
 import torch
-from conftest import (assert_close, assert_layout, kernel_dtypes, pool_by_indices, random_input,
+from conftest import (assert_close, assert_layout, pool_by_indices, random_input,
                       to_layout)
 
 from alexnet_fast import backends, ops, reference
@@ -45,23 +45,21 @@ def _check(backend, device, dtype, layout, shape, kernel, stride, padding, ceil_
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("relu", [False, True], ids=["randn", "relu-ties"])
-def test_max_pool_forward_backward(backend, device, layout, relu):
-    for dtype in kernel_dtypes(backend, device):
-        for case in cases(device):
-            _check(backend, device, dtype, layout, *case, relu=relu)
+def test_max_pool_forward_backward(backend, device, dtype, layout, relu):
+    for case in cases(device):
+        _check(backend, device, dtype, layout, *case, relu=relu)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_max_pool_indices_match_pytorch(backend, device, layout):
+def test_max_pool_indices_match_pytorch(backend, device, dtype, layout):
     """The kernel's uint8 window offsets name exactly PyTorch's winners (first max on ties)."""
-    for dtype in kernel_dtypes(backend, device):
-        for shape, kernel, stride, padding, ceil_mode in cases(device):
-            x = random_input(shape, dtype, device, layout, relu=True)
-            impl = ops.kernels(backend)
-            out, idx = impl.max_pool2d(x, list(kernel), list(stride), list(padding), ceil_mode)
-            assert idx.dtype == torch.uint8
-            ref_idx = reference.max_pool2d_indices(x.cpu(), kernel, stride, padding, ceil_mode)
-            assert torch.equal(idx.cpu(), ref_idx), f"indices differ {backend} {dtype} {layout} {shape}"
+    for shape, kernel, stride, padding, ceil_mode in cases(device):
+        x = random_input(shape, dtype, device, layout, relu=True)
+        impl = ops.kernels(backend)
+        out, idx = impl.max_pool2d(x, list(kernel), list(stride), list(padding), ceil_mode)
+        assert idx.dtype == torch.uint8
+        ref_idx = reference.max_pool2d_indices(x.cpu(), kernel, stride, padding, ceil_mode)
+        assert torch.equal(idx.cpu(), ref_idx), f"indices differ {backend} {dtype} {layout} {shape}"
 
 
 def test_max_pool_nan_propagates(backend, device):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import itertools
 import math
 import os
 import platform
@@ -98,6 +99,28 @@ def time_fn(fn, device_type: str, warmup_ms: float = 25, rep_ms: float = 100, mi
         raise RuntimeError(f"timing on CUDA uses triton.testing.do_bench; install triton ({e})") from e
     ms, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8], return_mode="median")
     return Timing(ms, p20, p80, f"triton do_bench (CUDA events, L2 flushed per call), rep {rep_ms} ms")
+
+
+def graph_replays(calls):
+    """Each of ``calls`` (zero-argument callables) captured in its own CUDA graph, after a warm-up
+    call on a side stream (compilation, autotuning, the allocator); returns a callable that
+    replays them in turn. Timing the replays measures the kernels without the host's per-call
+    work (Python, dispatch, autograd), which otherwise dominates ops of tens of microseconds."""
+    import torch
+
+    graphs = []
+    for call in calls:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        graphs.append(graph)
+    order = itertools.cycle(graphs)
+    return lambda: next(order).replay()
 
 
 def format_row(row: dict) -> str:

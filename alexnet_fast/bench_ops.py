@@ -9,10 +9,17 @@ forward, backward and forward+backward, per dtype and layout, for every provider
 Shapes come from ``alexnet_fast.model.layer_shapes``. Each case's inputs are random, never zeros,
 and rotated among several copies when one copy is smaller than twice the L2 cache. Every
 provider's output and gradients are checked against eager on the same inputs first (a loose
-sanity bound that catches a broken kernel, not the tests' tolerance), then timed.
+sanity bound that catches a broken kernel, not the tests' tolerance), then timed. On CUDA the
+timed unit is the replay of a CUDA graph of one call (forward, or forward+backward), so a row
+measures the kernels, not the host's per-call work (Python, dispatch, autograd), which is tens of
+microseconds and would hide the difference between kernels of that size; the training-step
+benchmark shows what that host work costs end to end. The CSV's ``method`` column says how each
+row was timed.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import math
 import time
@@ -22,7 +29,8 @@ import torch
 
 from alexnet_fast import backends, ops, reference, roofline
 from alexnet_fast.bench import (
-    DTYPES, LAYOUTS, Skipped, error_status, format_row, make_row, peak_memory_mb, precision, synchronize, time_fn,
+    DTYPES, LAYOUTS, Skipped, Timing, error_status, format_row, graph_replays, make_row, peak_memory_mb, precision,
+    synchronize, time_fn,
 )
 from alexnet_fast.model import ALEXNET_CONVS, INPUT_SIZE, LRN_PARAMS, POOL_PARAMS, ConvSpec, layer_shapes
 
@@ -140,6 +148,7 @@ def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
 @dataclass
 class Prepared:
     fn: object  # the timed callable: one call of the mode on the next input set
+    calls: list  # one call of the mode per input set, in rotation order (what graph timing captures)
     first_call_s: float  # compile time for the compile provider
     rel_err: float  # normwise difference from eager (output and every gradient)
 
@@ -209,23 +218,22 @@ class OpBench:
         synchronize(self.device)
         first_call_s = time.perf_counter() - start
         rel_err = max([_rel_diff(out, self.ref_out)] + [_rel_diff(g, r) for g, r in zip(grads, ref_grads)])
-        order = itertools.cycle(range(len(self.sets)))
         sets = self.sets
         if mode == "fwd":
-            def timed():
+            def call(i):
                 with torch.no_grad():
-                    fn(*sets[next(order)])
+                    fn(*sets[i])
         elif mode == "fwd+bwd":
-            def timed():
-                i = next(order)
+            def call(i):
                 self._grads(fn(*sets[i]), i)
         else:
             outs = [fn(*s) for s in sets]
 
-            def timed():
-                i = next(order)
+            def call(i):
                 self._grads(outs[i], i, retain=True)
-        return Prepared(timed, first_call_s, rel_err)
+        calls = [functools.partial(call, i) for i in range(len(sets))]
+        order = itertools.cycle(calls)
+        return Prepared(lambda: next(order)(), calls, first_call_s, rel_err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +347,21 @@ def run(cfg, env: dict) -> list[dict]:
     return rows
 
 
+def _time(prepared: Prepared, mode: str, device: str, sel) -> Timing:
+    """On CUDA, the replay of a CUDA graph of each call (kernels only, see ``graph_replays``),
+    except in mode "bwd": its autograd graph is built outside the capture, on another stream.
+    Elsewhere, and where capture fails, the plain call (host work included); ``method`` says
+    which."""
+    timed, how = prepared.fn, "plain calls, host work included"
+    if device == "cuda" and mode != "bwd":
+        try:
+            timed, how = graph_replays(prepared.calls), "CUDA graph replay, host work excluded"
+        except Exception as e:  # a provider whose calls cannot be captured is timed as plain calls
+            how = f"plain calls, host work included (graph capture failed: {type(e).__name__})"
+    timing = time_fn(timed, device, sel["warmup_ms"], sel["rep_ms"])
+    return dataclasses.replace(timing, method=f"{timing.method}; {how}")
+
+
 def _measure(bench: OpBench, provider, mode, work, copy_gbps, ceil_tflops, sel, env) -> dict:
     case = bench.case
     row = make_row(env, kernel=case.kernel, provider=provider, mode=mode, shape=case.shape_str, dtype=bench.dtype,
@@ -346,7 +369,7 @@ def _measure(bench: OpBench, provider, mode, work, copy_gbps, ceil_tflops, sel, 
                    ceil_gbps=copy_gbps, ceil_tflops=ceil_tflops)
     try:
         prepared = bench.prepare(provider, mode)
-        timing = time_fn(prepared.fn, bench.device, sel["warmup_ms"], sel["rep_ms"])
+        timing = _time(prepared, mode, bench.device, sel)
         peak = peak_memory_mb(prepared.fn, bench.device) if mode == "fwd+bwd" else None
     except Exception as e:  # a provider that cannot run this case is reported, never fatal
         row["status"], row["note"] = error_status(e)

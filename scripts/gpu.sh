@@ -34,7 +34,11 @@ if stage test; then
   # Compiling the Triton kernels of every test case dominates a first run: spread the tests over
   # processes when pytest-xdist is installed.
   parallel=()
-  $PY -c "import xdist" 2>/dev/null && parallel=(-n "${TEST_PROCS:-8}")
+  # One thread each for the float64 CPU references, or the processes oversubscribe the cores.
+  if $PY -c "import xdist" 2>/dev/null; then
+    parallel=(-n "${TEST_PROCS:-8}")
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  fi
   # shellcheck disable=SC2086
   ${TEST_TIMEOUT:+timeout $TEST_TIMEOUT} $PY -m pytest tests -k cuda "${parallel[@]}" -v --tb=short --durations=15 -p no:cacheprovider 2>&1 | tee "$RESULTS_DIR/tests.log" \
     | grep -E "FAILED|ERROR|passed|failed" | tail -40

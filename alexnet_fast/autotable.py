@@ -17,12 +17,22 @@ CPU = {
     "lrn_max_pool2d": ("native", "torch"),
 }
 
-# Measured on the H200 (BENCHMARKS.md, B=128): the CUDA C++ LRN, max-pool and fused LRN->max-pool
-# kernels beat the Triton ones in every row measured (e.g. LRN fwd+bwd bf16 NCHW 0.18 ms vs
-# 0.89 ms; max-pool fwd bf16 NCHW 0.10 vs 0.22 ms). cuDNN stays the conv default: ours were not
-# yet verified by the GPU tests.
+
+
+def conv_key(c_in: int, c_out: int, kernel_hw, stride) -> tuple:
+    """The shape class of a convolution in the tables: (C_in, C_out, (kh, kw), (sh, sw))."""
+    return (c_in, c_out, tuple(kernel_hw), tuple(stride))
+
+
+# Measured on the H200 (BENCHMARKS.md, B=128, bf16 channels_last, CUDA-graph-timed kernels):
+# - the CUDA C++ LRN, max-pool and fused LRN->max-pool kernels beat the Triton ones in every row
+#   (e.g. LRN fwd+bwd 0.112 vs 0.144 ms, max-pool fwd+bwd 0.084 vs 0.231 ms at 96x54x54);
+# - conv1 (C_in=3, 11x11, stride 4), forward + weight gradient: Triton 1.38 ms, cuDNN 1.63 ms,
+#   CUDA C++ 2.04 ms (its weight gradient is the slow part);
+# - conv2-conv5: cuDNN is faster than both of ours, forward and backward.
 _H200 = {
     "conv2d_relu": ("torch",),
+    ("conv2d_relu", conv_key(3, 96, (11, 11), (4, 4))): ("triton", "torch"),
     "lrn": ("native", "triton", "torch"),
     "max_pool2d": ("native", "triton", "torch"),
     "lrn_max_pool2d": ("native", "triton", "torch"),
@@ -42,8 +52,8 @@ def _gpu_name() -> str:
 
 
 def preference(op: str, device_type: str, shape_key=None) -> tuple[str, ...]:
-    """Backends to try for ``op``; ``shape_key`` (e.g. a conv layer's (C_in, C_out, k, stride))
-    selects a per-shape row where the table has one."""
+    """Backends to try for ``op``; ``shape_key`` (a convolution's ``conv_key``) selects a
+    per-shape row where the table has one."""
     if device_type != "cuda":
         return CPU.get(op, ("torch",))
     table = GPU.get(_gpu_name(), GPU["default"])

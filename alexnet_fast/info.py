@@ -7,6 +7,7 @@ import torch
 
 from alexnet_fast import autotable, backends
 from alexnet_fast.autograd import ALL_OPS as OPS
+from alexnet_fast.model import ALEXNET_CONVS
 
 
 def info() -> dict:
@@ -34,9 +35,18 @@ def info() -> dict:
             backends.availability(name, dev)) for name in backends.CONCRETE}
         for dev in devices
     }
-    out["auto"] = {dev: {op: backends.resolve("auto", op, dev) for op in OPS} for dev in devices}
+    out["auto"] = {dev: _auto(dev) for dev in devices}
     out["auto_table"] = "GPU rows: " + ", ".join(autotable.GPU)
     return out
+
+
+def _auto(device_type: str) -> dict:
+    """What ``auto`` runs per op, and per AlexNet layer for the convolutions (per-shape rows)."""
+    row = {op: backends.resolve("auto", op, device_type) for op in OPS}
+    for spec in ALEXNET_CONVS:
+        key = autotable.conv_key(spec.c_in, spec.c_out, (spec.kernel,) * 2, (spec.stride,) * 2)
+        row[f"conv2d_relu {spec.name}"] = backends.resolve("auto", "conv2d_relu", device_type, key)
+    return row
 
 
 def format_info(d: dict, indent: int = 0) -> str:

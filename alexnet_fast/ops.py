@@ -15,7 +15,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from alexnet_fast import autograd, backends, reference
+from alexnet_fast import autograd, autotable, backends, reference
 
 __all__ = ["conv2d_relu", "lrn", "max_pool2d", "lrn_max_pool2d"]
 
@@ -143,7 +143,7 @@ def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1,
     """``relu(conv2d(x, weight, bias, stride, padding))`` with groups=1, dilation=1."""
     _check_input(x)
     stride, padding = _check_conv(x, weight, bias, stride, padding)
-    shape_key = (x.shape[1], weight.shape[0], tuple(weight.shape[-2:]), stride)
+    shape_key = autotable.conv_key(x.shape[1], weight.shape[0], weight.shape[-2:], stride)
     name = backends.resolve(backend, "conv2d_relu", x.device.type, shape_key)
     if name == "torch":
         return reference.conv2d_relu(x, weight, bias, stride, padding)

@@ -12,7 +12,9 @@ def test_info_reports_backends_and_auto_choice():
     for name in ("torch", "native", "triton"):
         status = d["backends"]["cpu"][name]
         assert status == "usable" or status.startswith("unavailable: ")
-    assert set(d["auto"]["cpu"]) == {"conv2d_relu", "lrn", "max_pool2d", "lrn_max_pool2d"}
+    layers = {f"conv2d_relu conv{i}" for i in range(1, 6)}
+    assert set(d["auto"]["cpu"]) == {"conv2d_relu", "lrn", "max_pool2d", "lrn_max_pool2d"} | layers
+    assert all(v == "torch" for k, v in d["auto"]["cpu"].items() if k.startswith("conv2d_relu"))
 
 
 def test_info_command(capsys):

@@ -621,6 +621,9 @@ def add_commands(subparsers) -> None:
                    help="print the markdown tables of a results CSV (default: this device's CSV in OUT), "
                         "filtered by --dtype/--layout/--mode; alone, without --ops/--train-step, nothing "
                         "is run (e.g. --markdown benchmarks/results/nvidia-h200.csv on any machine)")
+    p.add_argument("--merge", nargs="+", metavar="CSV",
+                   help="upsert these results CSVs (e.g. of runs on several GPUs) into OUT/<name of the "
+                        "first>.csv and write its markdown and plots; nothing is run")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.set_defaults(func=run_command)
 
@@ -643,8 +646,44 @@ def command_line(args) -> str:
     return shlex.join(parts)
 
 
+def write_reports(merged: list[dict], csv_path: Path, name: str, plots: bool = True) -> list[Path]:
+    """The markdown summary (and plots) of the merged rows, next to their CSV; returns the paths."""
+    md_path = csv_path.with_suffix(".md")
+    md_path.write_text(markdown(merged))
+    written = [csv_path, md_path]
+    if plots:
+        written += write_plots(merged, csv_path.parent, name)
+    return written
+
+
+def merge_command(args) -> int:
+    """``--merge A.csv B.csv ...``: upsert result CSVs (e.g. of runs on several GPUs of one machine)
+    into OUT/<name of the first>.csv, then write its markdown and plots."""
+    paths = [Path(p) for p in args.merge]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        print(f"error: --merge: no results CSV at {', '.join(missing)}", file=sys.stderr)
+        return 2
+    csv_path = Path(args.out) / paths[0].name
+    merged = []
+    for path in paths:
+        if path.resolve() != csv_path.resolve():
+            merged = upsert_csv(csv_path, load_rows(path))
+    if not merged:
+        merged = load_rows(csv_path)
+    written = write_reports(merged, csv_path, csv_path.stem, plots=not args.no_plots)
+    print(f"merged {len(paths)} CSVs into {csv_path} ({len(merged)} rows); wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
 def run_command(args) -> int:
     import torch
+
+    if args.merge:
+        if args.ops or args.train_step or args.markdown is not None:
+            print("error: --merge runs nothing: give it alone, with --out (and --no-plots)", file=sys.stderr)
+            return 2
+        return merge_command(args)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -679,19 +718,19 @@ def run_command(args) -> int:
           f"cuDNN {env['cudnn'] or '-'}, driver {env['driver'] or '-'}, commit {env['git_commit']})", flush=True)
     start = time.perf_counter()
     rows = []
+
+    def save(new_rows):  # the CSV is brought up to date as rows come, so a stopped run loses nothing
+        upsert_csv(csv_path, rows + new_rows)
+
     if run_ops:
-        rows += bench_ops.run(cfg, env)
+        rows += bench_ops.run(cfg, env, save)
         print(f"-- ops done in {time.perf_counter() - start:.0f} s", flush=True)
     if run_step:
         t = time.perf_counter()
-        rows += bench_step.run(cfg, env)
+        rows += bench_step.run(cfg, env, save)
         print(f"-- training step done in {time.perf_counter() - t:.0f} s", flush=True)
     merged = upsert_csv(csv_path, rows)
-    md_path = csv_path.with_suffix(".md")
-    md_path.write_text(markdown(merged))
-    written = [csv_path, md_path]
-    if not args.no_plots:
-        written += write_plots(merged, csv_path.parent, name)
+    written = write_reports(merged, csv_path, name, plots=not args.no_plots)
     print()
     # --markdown with a run: the whole merged table (this device's CSV); without: this run's rows
     print(markdown(merged, args.dtype, args.layout, args.mode) if args.markdown is not None else markdown(rows))

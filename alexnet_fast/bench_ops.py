@@ -305,8 +305,10 @@ def measure_ceilings(device: str, env: dict, quick: bool) -> tuple[dict, list]:
     return {"copy_gbps": copy_gbps, "mm_tflops": mm}, rows
 
 
-def run(cfg, env: dict) -> list[dict]:
-    """Measure every selected case and provider; returns result rows (ceilings included)."""
+def run(cfg, env: dict, save=None) -> list[dict]:
+    """Measure every selected case and provider; returns result rows (ceilings included).
+    ``save(rows)``, when given, is called with the rows so far after each case and dtype, so a
+    run stopped early keeps what it measured."""
     sel = selection(cfg)
     device = cfg.device
     plan = compile_plan(sel, cfg.quick)
@@ -344,6 +346,8 @@ def run(cfg, env: dict) -> list[dict]:
                             reported.add((provider, row["note"]))
                             print(format_row(row), flush=True)
                     del bench
+            if save is not None:
+                save(rows)
     return rows
 
 

@@ -151,7 +151,9 @@ def check_config(cfg) -> None:
     check_sizes(cfg)
 
 
-def run(cfg, env: dict) -> list[dict]:
+def run(cfg, env: dict, save=None) -> list[dict]:
+    """Measure the selected step providers; returns the rows. ``save(rows)``, when given, is
+    called with the rows so far after each one, so a run stopped early keeps what it measured."""
     sel = selection(cfg)
     device = cfg.device
     compiled, compile_batch, compile_dtype = compile_plan(sel, cfg)
@@ -178,6 +180,8 @@ def run(cfg, env: dict) -> list[dict]:
                     auto_ms[layout] = row["ms"]
                 rows.append(row)
                 print(format_row(row), flush=True)
+                if save is not None:
+                    save(rows)
                 if provider in COMPILED:
                     torch.compiler.reset()
                 if device == "cuda":

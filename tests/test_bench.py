@@ -261,3 +261,45 @@ def test_bench_command_rejects_bad_arguments(tmp_path, capsys):
     assert cli.main(["bench", "--device", "cpu", "--image-size", "16", "--out", str(tmp_path)]) == 2
     assert f"at least {TINY}" in capsys.readouterr().err
     assert cli.main(["bench", "--markdown", "--device", "cpu", "--out", str(tmp_path / "none")]) == 2
+
+
+def test_merge_results_of_several_runs(tmp_path, capsys):
+    """Runs on several GPUs write separate CSVs; --merge upserts them into one, with its reports."""
+    common = ["bench", "--quick", "--device", "cpu", "--batch-size", "1", "--image-size", str(TINY), "--no-plots",
+              "--ops", "--mode", "fwd"]
+    assert cli.main(common + ["--providers", "eager", "--out", str(tmp_path / "a")]) == 0
+    assert cli.main(common + ["--providers", "native", "--out", str(tmp_path / "b")]) == 0
+    a, b = next((tmp_path / "a").glob("cpu-*.csv")), next((tmp_path / "b").glob("cpu-*.csv"))
+    capsys.readouterr()
+    out = tmp_path / "all"
+    assert cli.main(["bench", "--merge", str(a), str(b), "--out", str(out), "--no-plots"]) == 0
+    merged = bench.load_rows(out / a.name)
+    keys = {bench.row_key(r) for r in bench.load_rows(a)} | {bench.row_key(r) for r in bench.load_rows(b)}
+    assert {bench.row_key(r) for r in merged} == keys
+    assert {r["provider"] for r in merged if r["kernel"] == "lrn"} == {"eager", "native"}
+    assert (out / a.name).with_suffix(".md").exists()
+    assert cli.main(["bench", "--merge", str(tmp_path / "missing.csv"), "--out", str(out)]) == 2
+    assert "no results CSV" in capsys.readouterr().err
+    assert cli.main(["bench", "--merge", str(a), "--ops", "--out", str(out)]) == 2
+
+
+def test_op_rows_are_saved_as_they_come(tmp_path, monkeypatch):
+    """A run stopped part-way (a time limit) keeps the rows measured so far in its CSV."""
+    from alexnet_fast import bench_ops
+
+    calls = []
+    real_measure = bench_ops._measure
+
+    def measure_then_stop(*args, **kwargs):
+        if len(calls) >= 2:
+            raise KeyboardInterrupt  # stands in for the run being killed
+        row = real_measure(*args, **kwargs)
+        calls.append(row["kernel"])
+        return row
+
+    monkeypatch.setattr(bench_ops, "_measure", measure_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["bench", "--quick", "--device", "cpu", "--batch-size", "1", "--image-size", str(TINY), "--no-plots",
+                  "--ops", "--mode", "fwd", "--providers", "eager", "--out", str(tmp_path)])
+    rows = bench.load_rows(next(tmp_path.glob("cpu-*.csv")))
+    assert len(calls) == 2 and {r["kernel"] for r in rows if r["provider"] == "eager"} == set(calls)

@@ -1,24 +1,44 @@
 #!/usr/bin/env bash
-# Build, test, sanitize and benchmark on a machine with an NVIDIA GPU and torch installed, in one
-# call (`make bench-gpu`). Stages: build test sanitize step ops train ddp (default: all but ddp;
-# e.g. `scripts/gpu.sh build test` for some). BENCH_ARGS narrows the ops stage (e.g.
-# "--dtype bf16 --layout channels_last"); TEST_TIMEOUT (seconds) bounds the test stage. The test stage runs the GPU tests only (the CPU ones run in
-# CI) and prints one line per test, so a log cut short still says what passed. Logs and results go
-# to $RESULTS_DIR (default gpu-results/); the last lines printed are a summary.
+# Build, test, sanitize and benchmark on a machine with NVIDIA GPUs and torch installed, in one
+# call (`make bench-gpu`).
+#
+#   scripts/gpu.sh [STAGE ...]     stages: build test sanitize step ops train ddp
+#                                  (default: all but ddp; e.g. `scripts/gpu.sh build test`)
+#
+# After the build, the other stages are independent jobs. With one GPU they run one after another.
+# With several, they are dealt round-robin to the GPUs ("lanes", one CUDA_VISIBLE_DEVICES each)
+# and run side by side; the per-op benchmark becomes one job per dtype. Each benchmark job writes
+# its own CSV and they are merged into $RESULTS_DIR/<gpu>.csv at the end (`bench --merge`). Every
+# benchmark times on its own GPU, with CUDA events; a lane's neighbours only share the host.
+#
+# Settings (environment):
+#   RESULTS_DIR   logs and results (default gpu-results/); the last lines printed are a summary
+#   BENCH_DTYPES  dtypes of the per-op benchmark (default "bf16 fp32 tf32 fp16")
+#   BENCH_ARGS    further narrowing of the per-op benchmark (e.g. "--layout nhwc --mode fwd+bwd")
+#   TEST_TIMEOUT  seconds that bound the test stage; TEST_PROCS its pytest-xdist processes
+#   GPU_LANES     GPUs to spread the jobs over (default: all that torch sees)
+# The test stage runs the GPU tests only (the CPU ones run in CI) and prints one line per test;
+# failures are written to $RESULTS_DIR/failures.log as they happen, so a log cut short still says
+# what passed and what failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS_DIR=${RESULTS_DIR:-gpu-results}
 STAGES=${*:-build test sanitize step ops train}
+BENCH_DTYPES=${BENCH_DTYPES:-bf16 fp32 tf32 fp16}
 BENCH_ARGS=${BENCH_ARGS:-}
 mkdir -p "$RESULTS_DIR"
+RESULTS_DIR=$(cd "$RESULTS_DIR" && pwd)
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1
+export ALEXNET_FAST_FAILURE_LOG=${ALEXNET_FAST_FAILURE_LOG:-$RESULTS_DIR/failures.log}
 PY=${PY:-python3}
-summary=()
+SUMMARY=$RESULTS_DIR/summary.txt
+: >"$SUMMARY"
 stage() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
-record() { summary+=("$1: $2"); echo "== $1: $2"; }
+# lanes run in subshells: the summary is a file
+record() { echo "$1: $2" >>"$SUMMARY"; echo "== $1: $2"; }
 
 if stage build; then
   start=$SECONDS
@@ -30,57 +50,129 @@ if stage build; then
   $PY -m alexnet_fast.cli info | tee "$RESULTS_DIR/info.txt"
 fi
 
-if stage test; then
+# --- the jobs -------------------------------------------------------------------------------------
+job_test() {
   # Compiling the Triton kernels of every test case dominates a first run: spread the tests over
-  # processes when pytest-xdist is installed.
-  parallel=()
-  # One thread each for the float64 CPU references, or the processes oversubscribe the cores.
+  # processes when pytest-xdist is installed, one CPU thread each for the float64 CPU references,
+  # or the processes oversubscribe the cores.
+  local parallel=()
   if $PY -c "import xdist" 2>/dev/null; then
     parallel=(-n "${TEST_PROCS:-8}")
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   fi
   # shellcheck disable=SC2086
-  ${TEST_TIMEOUT:+timeout $TEST_TIMEOUT} $PY -m pytest tests -k cuda "${parallel[@]}" -v --tb=short --durations=15 -p no:cacheprovider 2>&1 | tee "$RESULTS_DIR/tests.log" \
-    | grep -E "FAILED|ERROR|passed|failed" | tail -40
+  ${TEST_TIMEOUT:+timeout $TEST_TIMEOUT} $PY -m pytest tests -k cuda "${parallel[@]}" -v --tb=short \
+    --durations=15 -p no:cacheprovider >"$RESULTS_DIR/tests.log" 2>&1
+  grep -E "FAILED|ERROR" "$RESULTS_DIR/tests.log" | tail -40
   record tests "$(tail -1 "$RESULTS_DIR/tests.log")"
-fi
+}
 
-if stage sanitize; then
-  bash scripts/sanitize.sh 2>&1 | tee "$RESULTS_DIR/sanitize.log" | tail -20
-  record sanitize "exit ${PIPESTATUS[0]}"
-fi
+job_sanitize() {
+  bash scripts/sanitize.sh >"$RESULTS_DIR/sanitize.log" 2>&1
+  local rc=$?
+  grep "^== " "$RESULTS_DIR/sanitize.log"
+  record sanitize "exit $rc"
+}
 
-if stage step; then
-  $PY -m alexnet_fast.cli bench --train-step --out "$RESULTS_DIR" 2>&1 | tee "$RESULTS_DIR/step.log" | tail -30
-  record step "exit ${PIPESTATUS[0]}"
-fi
+job_step() {
+  $PY -m alexnet_fast.cli bench --train-step --no-plots --out "$RESULTS_DIR/bench-step" >"$RESULTS_DIR/step.log" 2>&1
+  record step "exit $?"
+}
 
-if stage ops; then
+job_ops() {  # $1: the dtypes, comma-separated
+  local tag=${1//,/-}
   # shellcheck disable=SC2086
-  $PY -m alexnet_fast.cli bench --ops $BENCH_ARGS --out "$RESULTS_DIR" 2>&1 | tee "$RESULTS_DIR/ops.log" | tail -80
-  record ops "exit ${PIPESTATUS[0]}"
-fi
+  $PY -m alexnet_fast.cli bench --ops $BENCH_ARGS --dtype "$1" --no-plots --out "$RESULTS_DIR/bench-ops-$tag" \
+    >"$RESULTS_DIR/ops-$tag.log" 2>&1
+  record "ops $1" "exit $?"
+}
 
 # The training loop's own speed (data pipeline and optimizer included), to set against the pure
 # step of the `step` stage: the seed model, bf16, channels_last, batch 128, backend auto.
 TRAIN_FLAGS="--data synthetic --limit 8192 --epochs 2 --batch-size 128 --amp bf16 --channels-last \
-  --backend auto --lr 0.01 --progress --keep-checkpoints 1 --overwrite"
-if stage train; then
+  --backend auto --lr 0.01 --keep-checkpoints 1 --overwrite --no-progress"
+job_train() {
   # shellcheck disable=SC2086
-  $PY -m alexnet_fast.cli train $TRAIN_FLAGS --out "$RESULTS_DIR/train" 2>&1 | tee "$RESULTS_DIR/train.log" | tail -8
-  record train "exit ${PIPESTATUS[0]}"
+  $PY -m alexnet_fast.cli train $TRAIN_FLAGS --out "$RESULTS_DIR/train" >"$RESULTS_DIR/train.log" 2>&1
+  record train "exit $?: $(grep -E 'img/s' "$RESULTS_DIR/train.log" | tail -1)"
+}
+
+run_job() {
+  case $1 in
+    test) job_test ;;
+    sanitize) job_sanitize ;;
+    step) job_step ;;
+    train) job_train ;;
+    ops:*) job_ops "${1#ops:}" ;;
+  esac
+}
+
+# --- deal the jobs to the GPUs ---------------------------------------------------------------------
+visible=$($PY -c "import torch; print(torch.cuda.device_count())")
+[ "$visible" -ge 1 ] 2>/dev/null || { echo "no CUDA device visible to torch" >&2; exit 1; }
+# the GPUs' ids as CUDA_VISIBLE_DEVICES names them (it may already hold a subset)
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then IFS=, read -r -a devices <<<"$CUDA_VISIBLE_DEVICES"
+else devices=(); for ((i = 0; i < visible; i++)); do devices+=("$i"); done; fi
+lanes=${GPU_LANES:-$visible}
+[ "$lanes" -le "${#devices[@]}" ] || lanes=${#devices[@]}
+jobs=()
+# test and sanitize share a lane: both are short, and the sanitizer wants a quiet GPU
+if stage test && stage sanitize; then jobs+=("test+sanitize")
+elif stage test; then jobs+=(test)
+elif stage sanitize; then jobs+=(sanitize); fi
+stage step && jobs+=(step)
+if stage ops; then
+  if [ "$lanes" -gt 1 ]; then
+    for d in $BENCH_DTYPES; do jobs+=("ops:$d"); done
+  else
+    jobs+=("ops:$(echo "$BENCH_DTYPES" | tr ' ' ',')")
+  fi
+fi
+stage train && jobs+=(train)
+
+run_lane() {  # $1: the GPU; then its jobs, in order. Call it in a subshell (it sets the GPU).
+  local job part
+  export CUDA_VISIBLE_DEVICES=$1
+  shift
+  for job in "$@"; do
+    for part in ${job//+/ }; do run_job "$part"; done
+  done
+}
+
+if [ "${#jobs[@]}" -gt 0 ]; then
+  start=$SECONDS
+  for ((lane = 0; lane < lanes; lane++)); do
+    mine=()
+    for ((i = lane; i < ${#jobs[@]}; i += lanes)); do mine+=("${jobs[i]}"); done
+    [ "${#mine[@]}" -gt 0 ] || continue
+    echo "GPU ${devices[lane]}: ${mine[*]}"
+    (run_lane "${devices[lane]}" "${mine[@]}") &
+  done
+  wait
+  record jobs "${jobs[*]} on $lanes GPU(s) in $((SECONDS - start)) s"
 fi
 
-# Weak scaling: the same per-GPU batch on 1, 2, 4... GPUs through torchrun.
+# One results CSV, markdown and plots from every benchmark job of this run.
+csvs=()
+for dir in "$RESULTS_DIR"/bench-step "$RESULTS_DIR"/bench-ops-*; do
+  [ -d "$dir" ] && for f in "$dir"/*.csv; do [ -f "$f" ] && csvs+=("$f"); done
+done
+if [ "${#csvs[@]}" -gt 0 ]; then
+  $PY -m alexnet_fast.cli bench --merge "${csvs[@]}" --out "$RESULTS_DIR" | tail -1
+  $PY -m alexnet_fast.cli bench --markdown "$RESULTS_DIR/$(basename "${csvs[0]}")" >"$RESULTS_DIR/tables.md"
+fi
+
+# Weak scaling: the same per-GPU batch on 1, 2, 4... GPUs through torchrun (needs every GPU).
 if stage ddp; then
   gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
   for n in 1 2 4 8; do
     [ "$n" -le "$gpus" ] || break
     # shellcheck disable=SC2086
-    torchrun --standalone --nproc_per_node="$n" -m alexnet_fast.train $TRAIN_FLAGS --no-progress \
+    torchrun --standalone --nproc_per_node="$n" -m alexnet_fast.train $TRAIN_FLAGS \
       --out "$RESULTS_DIR/ddp$n" >"$RESULTS_DIR/ddp$n.log" 2>&1
     record "ddp $n GPU" "exit $?: $(grep -E 'img/s' "$RESULTS_DIR/ddp$n.log" | tail -1)"
   done
 fi
 
-printf '%s\n' "${summary[@]}"
+echo "== summary"
+cat "$SUMMARY"

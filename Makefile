@@ -34,6 +34,8 @@ demo: install
 	$(VENV)/bin/alexnet-fast info
 	$(VENV)/bin/alexnet-fast bench --quick --out runs/bench
 	$(VENV)/bin/alexnet-fast train --data synthetic --backend auto $(DEMO_TRAIN) --out runs/demo --overwrite
+	@echo; echo "Our backends against eager PyTorch and the other peers on this machine (runs/bench):"
+	$(VENV)/bin/alexnet-fast bench --markdown --out runs/bench
 
 bench: install
 	$(VENV)/bin/alexnet-fast bench --ops --train-step --out benchmarks/results

@@ -201,6 +201,14 @@ def output_memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def empty_output(shape, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An output of ``shape`` in ``like``'s output layout, allocated as the C++ kernels allocate
+    theirs (``at::empty`` with a memory format), so that the strides agree also on dimensions
+    of size 1, where ``.contiguous(memory_format=...)`` would keep the default strides."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device,
+                       memory_format=output_memory_format(like))
+
+
 def conv_out_shape(x: Tensor, weight: Tensor, stride, padding):
     oh, ow = (reference.conv_output_size(n, k, s, p)
               for n, k, s, p in zip(x.shape[-2:], weight.shape[-2:], stride, padding))
@@ -219,13 +227,11 @@ def _register_native() -> None:
 
     @reg(lib + "conv2d_relu")
     def _(x, weight, bias, stride, padding):
-        return x.new_empty(conv_out_shape(x, weight, stride, padding)).contiguous(
-            memory_format=output_memory_format(x))
+        return empty_output(conv_out_shape(x, weight, stride, padding), x)
 
     @reg(lib + "conv2d_relu_backward_input")
     def _(grad_out, out, weight, input_hw, stride, padding):
-        shape = (grad_out.shape[0], weight.shape[1], *input_hw)
-        return grad_out.new_empty(shape).contiguous(memory_format=output_memory_format(grad_out))
+        return empty_output((grad_out.shape[0], weight.shape[1], *input_hw), grad_out)
 
     @reg(lib + "conv2d_relu_backward_weight")
     def _(grad_out, out, x, kernel_hw, stride, padding):
@@ -241,17 +247,14 @@ def _register_native() -> None:
         return torch.empty_like(x, memory_format=output_memory_format(x))
 
     def pool_fake(x, kernel_size, stride, padding, ceil_mode):
-        fmt = output_memory_format(x)
         shape = pool_out_shape(x, kernel_size, stride, padding, ceil_mode)
-        return (x.new_empty(shape).contiguous(memory_format=fmt),
-                x.new_empty(shape, dtype=torch.uint8).contiguous(memory_format=fmt))
+        return empty_output(shape, x), empty_output(shape, x, torch.uint8)
 
     reg(lib + "max_pool2d")(pool_fake)
 
     @reg(lib + "max_pool2d_backward")
     def _(grad_out, indices, input_hw, kernel_size, stride, padding):
-        shape = (*grad_out.shape[:2], *input_hw)
-        return grad_out.new_empty(shape).contiguous(memory_format=output_memory_format(grad_out))
+        return empty_output((*grad_out.shape[:2], *input_hw), grad_out)
 
     @reg(lib + "lrn_max_pool2d")
     def _(x, size, alpha, beta, k, kernel_size, stride):

@@ -39,3 +39,42 @@ OPS = list(_samples("cpu", "contiguous"))
 def test_opcheck(backend, device, layout, op):
     args = _samples(device, layout)[op]
     torch.library.opcheck(getattr(ops.kernels(backend), op).default, args)
+
+
+def _size_one_samples(device):
+    """channels_last inputs whose outputs have 1x1 planes: the layout is ambiguous there, and the
+    fake kernels must still give the strides the kernels give."""
+    x = random_input((2, 6, 3, 3), torch.float32, device, "channels_last", relu=True)
+    w = random_input((5, 6, 3, 3), torch.float32, device)
+    b = random_input((5,), torch.float32, device)
+    out = torch.relu(torch.nn.functional.conv2d(x, w, b, 2, 0)).contiguous(memory_format=torch.channels_last)
+    g_pool = random_input((2, 6, 1, 1), torch.float32, device, "channels_last")
+    g_pool = g_pool.as_strided(g_pool.shape, (6, 1, 6, 6))  # as the kernels lay out a 1x1 channels_last output
+    idx = torch.zeros((2, 6, 1, 1), dtype=torch.uint8, device=device).as_strided((2, 6, 1, 1), (6, 1, 6, 6))
+    lrn = (5, 1e-4, 0.75, 2.0)
+    return {
+        "conv2d_relu": (x, w, b, [2, 2], [0, 0]),
+        "conv2d_relu_backward_input": (out, out, w, [3, 3], [2, 2], [0, 0]),
+        "conv2d_relu_backward_weight": (out, out, x, [3, 3], [2, 2], [0, 0]),
+        "lrn": (x, *lrn),
+        "lrn_backward": (x, x, *lrn),
+        "max_pool2d": (x, [3, 3], [2, 2], [0, 0], False),
+        "max_pool2d_backward": (g_pool, idx, [3, 3], [3, 3], [2, 2], [0, 0]),
+        "lrn_max_pool2d": (x, *lrn, [3, 3], [2, 2]),
+        "lrn_max_pool2d_backward": (g_pool, x, idx, *lrn, [3, 3], [2, 2]),
+    }
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_fake_strides_match_the_kernels(backend, device, op):
+    """What torch.compile plans with (the fake kernel) has the kernel's strides, size-1 dims too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _size_one_samples(device)[op]
+    fn = getattr(ops.kernels(backend), op).default
+    real = fn(*args)
+    with FakeTensorMode() as mode:
+        fake = fn(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    real, fake = (real, fake) if isinstance(real, tuple) else ((real,), (fake,))
+    for r, f in zip(real, fake):
+        assert (r.shape, r.stride()) == (f.shape, f.stride()), f"{op}: kernel {r.stride()}, fake {f.stride()}"

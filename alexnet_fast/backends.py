@@ -77,6 +77,19 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# ``ALEXNET_FAST_POISON_OUTPUTS=1``: a debug switch that fills each buffer a kernel allocates and
+# then writes in full with NaN (uint8 max-pool offsets with 255) before the kernel runs, so an
+# element the kernel never writes cannot pass for a right value. The C++/CUDA kernels read the
+# same variable (csrc/poison.h); the Triton ops through ``poison_outputs``.
+POISON_ENV_VAR = "ALEXNET_FAST_POISON_OUTPUTS"
+
+
+@functools.lru_cache(maxsize=None)
+def poison_outputs() -> bool:
+    """Whether ``POISON_ENV_VAR`` is ``1``, read once per process (as the C++ side reads it)."""
+    return os.environ.get(POISON_ENV_VAR) == "1"
+
+
 def autotune_enabled() -> bool:
     """``ALEXNET_FAST_AUTOTUNE=0`` makes each Triton kernel use its first config instead of timing
     all of them per shape (the tests set it: they run many shapes once each)."""

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from alexnet_fast.backends import autotune_enabled, triton_interpreted
+from alexnet_fast.backends import autotune_enabled, poison_outputs, triton_interpreted
 from alexnet_fast.ops import MAX_POOL_WINDOW
 
 _shapes_only = contextvars.ContextVar("alexnet_fast_triton_shapes_only", default=False)
@@ -81,6 +81,26 @@ def nothing_to_run(out: torch.Tensor) -> bool:
     """Whether an op whose output is ``out`` returns without a launch: an empty output, or a fake
     kernel run under the interpreter (see ``define_op``)."""
     return out.numel() == 0 or _shapes_only.get()
+
+
+# The poison of uint8 max-pool window offsets. Windows hold up to MAX_POOL_WINDOW = 256 elements,
+# so 255 is a valid offset only in a window of exactly 256 (16 x 16, say); in every smaller window,
+# AlexNet's 3 x 3 included, an unwritten 255 points outside it (as in csrc/poison.h).
+INDEX_POISON = 0xFF
+assert INDEX_POISON == MAX_POOL_WINDOW - 1
+
+
+def poison_if_debug(t: torch.Tensor) -> torch.Tensor:
+    """``t`` filled with NaN (floating) or ``INDEX_POISON`` (uint8) when the debug switch
+    ``backends.POISON_ENV_VAR`` is on, else untouched. For buffers a kernel writes in full, never
+    for ones that must start as zero."""
+    if not poison_outputs() or t.numel() == 0:
+        return t
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    if t.dtype != torch.uint8:
+        raise TypeError(f"poison_if_debug: no poison value for {t.dtype}")
+    return t.fill_(INDEX_POISON)
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:

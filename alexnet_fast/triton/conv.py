@@ -46,6 +46,7 @@ from alexnet_fast import autograd, reference
 from alexnet_fast.backends import triton_interpreted
 from alexnet_fast.ops import output_memory_format
 from alexnet_fast.triton import conv_configs
+from alexnet_fast.triton._common import poison_if_debug
 
 NAMESPACE = "alexnet_fast_triton"
 _INTERPRETED = triton_interpreted()
@@ -418,6 +419,7 @@ def _conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[in
     out = _allocate_forward(x, weight, bias, stride, padding)
     if out.numel() == 0:
         return out
+    poison_if_debug(out)  # here, not in _allocate_forward, which is also the fake kernel
     n, c, h, w = x.shape
     co, _, kh, kw = weight.shape
     oh, ow = out.shape[-2:]
@@ -458,6 +460,7 @@ def _conv2d_relu_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, i
     dx = _allocate_backward_input(grad_out, out, weight, input_hw, stride, padding)
     if dx.numel() == 0:
         return dx
+    poison_if_debug(dx)
     n, co, oh, ow = grad_out.shape
     _, c, kh, kw = weight.shape
     h, w = input_hw
@@ -514,8 +517,10 @@ def _conv2d_relu_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kerne
         return grad_w.zero_(), grad_b.zero_()
     k = kh * kw * c
     chunk, splits = _weight_grad_splits(rows, co, k, grad_out.device)
-    dw = torch.empty((splits, co, k), dtype=torch.float32, device=grad_out.device)
-    db = torch.empty((splits, co), dtype=torch.float32, device=grad_out.device)
+    # Every split stores (not adds) its partial sums, so these start poisoned in debug runs.
+    # grad_w and grad_b are written whole by copy_ below, not by a kernel: left as they are.
+    dw = poison_if_debug(torch.empty((splits, co, k), dtype=torch.float32, device=grad_out.device))
+    db = poison_if_debug(torch.empty((splits, co), dtype=torch.float32, device=grad_out.device))
     flat = _flat_k(c)
     precision, upcast = _dot_modes(grad_out.dtype)
 

@@ -28,7 +28,8 @@ from alexnet_fast.backends import triton_interpreted
 from alexnet_fast.ops import output_memory_format, pool_out_shape
 from alexnet_fast.triton._common import (autotune_by_layout, channels_last_variant, check_input,
                                          check_pool_args, define_op, dense, dense_strides, launch,
-                                         load_channels, nothing_to_run, pow2_divisor, store_channels)
+                                         load_channels, nothing_to_run, poison_if_debug, pow2_divisor,
+                                         store_channels)
 from alexnet_fast.triton.pool import needs_wide_offsets, pool_outputs
 
 
@@ -347,6 +348,7 @@ def lrn(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
     out = torch.empty_like(x, memory_format=output_memory_format(x))
     if nothing_to_run(out):
         return out
+    poison_if_debug(out)
     x = dense(x)
     n, c, h, w = x.shape
     halo, _ = _halos(size)
@@ -365,6 +367,7 @@ def lrn_backward(grad_out: Tensor, x: Tensor, size: int, alpha: float, beta: flo
     dx = torch.empty_like(x, memory_format=output_memory_format(x))
     if nothing_to_run(dx):
         return dx
+    poison_if_debug(dx)
     x, grad_out = dense(x), dense(grad_out)
     n, c, h, w = x.shape
     ghalo, xhalo = _halos(size)
@@ -385,6 +388,7 @@ def lrn_max_pool2d(x: Tensor, size: int, alpha: float, beta: float, k: float, ke
     out, idx = pool_outputs(x, kernel_size, stride, (0, 0), False)
     if nothing_to_run(out):
         return out, idx
+    out, idx = poison_if_debug(out), poison_if_debug(idx)
     n, c = x.shape[:2]
     oh, ow = out.shape[-2:]
     halo, _ = _halos(size)
@@ -408,6 +412,7 @@ def lrn_max_pool2d_backward(grad_out: Tensor, x: Tensor, indices: Tensor, size: 
     dx = torch.empty_like(x, memory_format=output_memory_format(x))
     if nothing_to_run(dx):
         return dx
+    poison_if_debug(dx)
     n, c, h, w = x.shape
     oh, ow = grad_out.shape[-2:]
     (kh, kw), (sh, sw) = kernel_size, stride

@@ -21,7 +21,8 @@ from torch import Tensor
 import alexnet_fast.autograd
 from alexnet_fast.ops import output_memory_format, pool_out_shape
 from alexnet_fast.triton._common import (autotune_by_layout, channels_last_variant, check_input,
-                                         check_pool_args, define_op, launch, nothing_to_run)
+                                         check_pool_args, define_op, launch, nothing_to_run,
+                                         poison_if_debug)
 
 _INT32_MAX = 2**31 - 1
 
@@ -182,6 +183,7 @@ def max_pool2d(x: Tensor, kernel_size: list[int], stride: list[int], padding: li
     out, idx = pool_outputs(x, kernel_size, stride, padding, ceil_mode)
     if nothing_to_run(out):
         return out, idx
+    out, idx = poison_if_debug(out), poison_if_debug(idx)
     n, c, h, w = x.shape
     oh, ow = out.shape[-2:]
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
@@ -210,6 +212,7 @@ def max_pool2d_backward(grad_out: Tensor, indices: Tensor, input_hw: list[int], 
         memory_format=output_memory_format(grad_out))
     if nothing_to_run(dx):
         return dx
+    poison_if_debug(dx)
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     ncy, ncx = (h - 1 + ph) // sh + 1, (w - 1 + pw) // sw + 1
     launch(_POOL_BACKWARD[channels_last_variant(grad_out)], _grid(n, c, ncy * ncx), grad_out, indices, dx, c,

@@ -67,10 +67,11 @@ at::Tensor weight_matrix(const at::Tensor& weight, bool channels_last, at::Scala
   return w.contiguous().view({weight.size(0), weight.size(1) * weight.size(2) * weight.size(3)});
 }
 
-// A logical [rows, cols] opmath matrix, stored row-major (pixel-major) or column-major.
+// A logical [rows, cols] opmath matrix, stored row-major (pixel-major) or column-major. Its users
+// (im2col, masked_grad) write every element, so it is poisoned in debug runs.
 at::Tensor new_matrix(int64_t rows, int64_t cols, bool row_major, at::ScalarType acc) {
   const auto opts = at::TensorOptions().dtype(acc);
-  return row_major ? at::empty({rows, cols}, opts) : at::empty({cols, rows}, opts).t();
+  return poison_if_debug(row_major ? at::empty({rows, cols}, opts) : at::empty({cols, rows}, opts).t());
 }
 
 // Our ops have no Autocast kernel, so the at::mm calls inside would be autocast again (to
@@ -190,7 +191,7 @@ at::Tensor conv2d_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const ConvGeom g = make_geom(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.sizes().slice(2),
                                stride, padding);
   const auto fmt = output_memory_format(x);
-  at::Tensor out = at::empty({g.N, g.C_out, g.OH, g.OW}, x.options().memory_format(fmt));
+  at::Tensor out = poison_if_debug(at::empty({g.N, g.C_out, g.OH, g.OW}, x.options().memory_format(fmt)));
   if (out.numel() == 0) return out;
   const bool x_cl = is_channels_last(x), out_cl = fmt == at::MemoryFormat::ChannelsLast;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv2d_relu_cpu", [&] {
@@ -249,7 +250,7 @@ at::Tensor conv2d_relu_backward_input_cpu(const at::Tensor& grad_out, const at::
                                weight.sizes().slice(2), stride, padding);
   check_output_hw(grad_out, g);
   const auto fmt = output_memory_format(grad_out);
-  at::Tensor grad_x = at::empty({g.N, g.C_in, g.H, g.W}, grad_out.options().memory_format(fmt));
+  at::Tensor grad_x = poison_if_debug(at::empty({g.N, g.C_in, g.H, g.W}, grad_out.options().memory_format(fmt)));
   if (grad_x.numel() == 0) return grad_x;
   const bool dx_cl = fmt == at::MemoryFormat::ChannelsLast;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "conv2d_relu_backward_input_cpu", [&] {
@@ -310,6 +311,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_backward_weight_cpu(const at::Ten
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const KOrder ko(g, x_cl);
+    // Accumulators (addmm_/add_ over the chunks): zeros on purpose, never poisoned.
     at::Tensor gw = at::zeros({g.C_out, g.K()}, at::TensorOptions().dtype(acc));
     at::Tensor gb = at::zeros({g.C_out}, gw.options());
     const int64_t nb_max = g.chunk(g.K() + g.C_out, sizeof(acc_t));

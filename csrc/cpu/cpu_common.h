@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "checks.h"
+#include "poison.h"
 #include "pool_shape.h"
 
 namespace alexnet_fast::cpu {

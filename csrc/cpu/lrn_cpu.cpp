@@ -96,7 +96,7 @@ at::Tensor lrn_cpu(const at::Tensor& x, int64_t size, double alpha, double beta,
   CHECK_4D(x);
   CHECK_FLOATING(x);
   check_lrn_params(size, beta, k);
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(output_memory_format(x)));
+  at::Tensor out = poison_if_debug(at::empty(x.sizes(), x.options().memory_format(output_memory_format(x))));
   if (out.numel() == 0) return out;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const Strides4 xs(x), os(out);
@@ -122,7 +122,7 @@ at::Tensor lrn_cpu(const at::Tensor& x, int64_t size, double alpha, double beta,
 // where c in W(j) <=> j in [c - after, c + before].
 at::Tensor lrn_backward_impl(const at::Tensor& grad_out, const at::Tensor& x, int64_t size, double alpha,
                              double beta, double k) {
-  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(output_memory_format(x)));
+  at::Tensor grad_x = poison_if_debug(at::empty(x.sizes(), x.options().memory_format(output_memory_format(x))));
   if (grad_x.numel() == 0) return grad_x;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const Strides4 xs(x), gs(grad_out), ds(grad_x);
@@ -188,8 +188,8 @@ std::tuple<at::Tensor, at::Tensor> lrn_max_pool2d_cpu(const at::Tensor& x, int64
   int64_t OH, OW;
   std::tie(OH, OW) = pool_output_hw(H, W, kernel_size, stride, padding, false);
   const auto fmt = output_memory_format(x);
-  at::Tensor out = at::empty({N, C, OH, OW}, x.options().memory_format(fmt));
-  at::Tensor indices = at::empty({N, C, OH, OW}, x.options().dtype(at::kByte).memory_format(fmt));
+  at::Tensor out = poison_if_debug(at::empty({N, C, OH, OW}, x.options().memory_format(fmt)));
+  at::Tensor indices = poison_if_debug(at::empty({N, C, OH, OW}, x.options().dtype(at::kByte).memory_format(fmt)));
   if (out.numel() == 0) return {out, indices};
   const int64_t kh = kernel_size[0], kw = kernel_size[1], sh = stride[0], sw = stride[1];
   // A task pools `block` outputs of one output row from the LRN of the kh input rows under them,
@@ -257,8 +257,9 @@ at::Tensor lrn_max_pool2d_backward_cpu(const at::Tensor& grad_out, const at::Ten
   TORCH_CHECK(grad_out.sizes() == pooled, "grad_out must have the pooled shape ", pooled, ", got ", grad_out.sizes());
   TORCH_CHECK(indices.sizes() == pooled, "indices must have the pooled shape ", pooled, ", got ", indices.sizes());
   // The gradient of the LRN output, in x's layout: a full-size buffer, zero where no window took
-  // the element.
-  at::Tensor grad_lrn = at::empty(x.sizes(), grad_out.options().memory_format(output_memory_format(x)));
+  // the element (the gather writes those zeros itself, so the buffer starts poisoned).
+  at::Tensor grad_lrn =
+      poison_if_debug(at::empty(x.sizes(), grad_out.options().memory_format(output_memory_format(x))));
   max_pool2d_backward_into(grad_out, indices, grad_lrn, kernel_size, stride, padding);
   return lrn_backward_impl(grad_lrn, x, size, alpha, beta, k);
 }

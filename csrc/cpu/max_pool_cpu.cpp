@@ -16,8 +16,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& x, at::IntAr
   int64_t OH, OW;
   std::tie(OH, OW) = pool_output_hw(H, W, kernel_size, stride, padding, ceil_mode);
   const auto fmt = output_memory_format(x);
-  at::Tensor out = at::empty({N, C, OH, OW}, x.options().memory_format(fmt));
-  at::Tensor indices = at::empty({N, C, OH, OW}, x.options().dtype(at::kByte).memory_format(fmt));
+  at::Tensor out = poison_if_debug(at::empty({N, C, OH, OW}, x.options().memory_format(fmt)));
+  at::Tensor indices = poison_if_debug(at::empty({N, C, OH, OW}, x.options().dtype(at::kByte).memory_format(fmt)));
   const int64_t kh = kernel_size[0], kw = kernel_size[1], sh = stride[0], sw = stride[1];
   const int64_t ph = padding[0], pw = padding[1];
   const Strides4 xs(x), os(out), is(indices);
@@ -65,8 +65,8 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
               "grad_out must have the pooled size of input_hw ", input_hw, " (", floor_hw.first, ", ",
               floor_hw.second, ") or with ceil_mode (", ceil_hw.first, ", ", ceil_hw.second, "), got (", OH, ", ",
               OW, ")");
-  at::Tensor grad_x = at::empty({grad_out.size(0), grad_out.size(1), input_hw[0], input_hw[1]},
-                                grad_out.options().memory_format(output_memory_format(grad_out)));
+  at::Tensor grad_x = poison_if_debug(at::empty({grad_out.size(0), grad_out.size(1), input_hw[0], input_hw[1]},
+                                                grad_out.options().memory_format(output_memory_format(grad_out))));
   max_pool2d_backward_into(grad_out, indices, grad_x, kernel_size, stride, padding);
   return grad_x;
 }

@@ -25,6 +25,7 @@
 
 #include "checks.h"
 #include "conv_gemm.cuh"
+#include "poison.h"
 
 #define CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor, got ", (x).device())
 
@@ -47,6 +48,7 @@ using alexnet_fast::conv_gemm::WeightBLoader;
 using alexnet_fast::conv_gemm::WgradALoader;
 using alexnet_fast::conv_gemm::WgradBLoader;
 using alexnet_fast::conv_gemm::WgradEpilogue;
+using alexnet_fast::poison_if_debug;
 
 // GEMM extents and per-dimension coordinates stay in int32 with room for a tile of overrun;
 // element offsets are 64-bit.
@@ -141,10 +143,10 @@ ConvShape make_shape(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int6
 }
 
 // An empty tensor with the strides `at::empty(shape).contiguous(fmt)` has, which is what the
-// fake kernels return.
+// fake kernels return (poisoned in debug runs).
 at::Tensor alloc_output(at::IntArrayRef shape, const at::TensorOptions& options, at::MemoryFormat fmt) {
   at::Tensor t = at::empty(shape, options);
-  return t.is_contiguous(fmt) ? t : at::empty(shape, options.memory_format(fmt));
+  return poison_if_debug(t.is_contiguous(fmt) ? t : at::empty(shape, options.memory_format(fmt)));
 }
 
 // Where a kernel writes `result`: the tensor itself when its memory is dense NHWC, else a
@@ -152,11 +154,12 @@ at::Tensor alloc_output(at::IntArrayRef shape, const at::TensorOptions& options,
 at::Tensor nhwc_target(const at::Tensor& result) {
   return result.is_contiguous(at::MemoryFormat::ChannelsLast)
              ? result
-             : at::empty(result.sizes(), result.options().memory_format(at::MemoryFormat::ChannelsLast));
+             : poison_if_debug(
+                   at::empty(result.sizes(), result.options().memory_format(at::MemoryFormat::ChannelsLast)));
 }
 
 // A row-major [rows, cols] matrix as [rows, ld] with ld a multiple of `chunk`, zero past cols,
-// so that the kernels load whole 16-byte vectors of it.
+// so that the kernels load whole 16-byte vectors of it (zeros on purpose: never poisoned).
 at::Tensor pad_rows(const at::Tensor& m, int64_t chunk) {
   const int64_t rows = m.size(0), cols = m.size(1), ld = round_up(std::max<int64_t>(cols, 1), chunk);
   if (ld == cols) {
@@ -247,7 +250,9 @@ void run_output_gemm(ConvArgs<T> a, const at::TensorOptions& float_options, cuda
   a.tile_begin = int(plan.full_tiles);
   a.k_tiles_per_split = int(ceil_div(a.k_tiles, plan.splits));
   const int splits = int(ceil_div(a.k_tiles, a.k_tiles_per_split));
-  at::Tensor partial = at::empty({splits, plan.tail_tiles, kBlockM * kBlockN}, float_options);
+  // Each split stores (not adds) its whole tile, and tail_finish_kernel sums the splits: no
+  // element is read before it is written, so the workspace starts poisoned in debug runs.
+  at::Tensor partial = poison_if_debug(at::empty({splits, plan.tail_tiles, kBlockM * kBlockN}, float_options));
   a.partial = partial.data_ptr<float>();
   kernel<<<dim3(unsigned(plan.tail_tiles), unsigned(splits)), kThreads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -396,8 +401,10 @@ void run_wgrad(ConvArgs<T>& a, const at::Tensor& grad_weight, const at::Tensor& 
   a.k_tiles_per_split = int(ceil_div(a.k_tiles, splits));
   splits = int(ceil_div(a.k_tiles, a.k_tiles_per_split));  // no empty slices
 
+  // Each split stores (not adds) its [gemm_m, gemm_n] slice, which wgrad_reduce_kernel sums (the
+  // padding columns up to workspace_ld are neither written nor read): poisoned in debug runs.
   at::Tensor workspace =
-      at::empty({splits, a.gemm_m, a.workspace_ld}, grad_weight.options().dtype(at::kFloat));
+      poison_if_debug(at::empty({splits, a.gemm_m, a.workspace_ld}, grad_weight.options().dtype(at::kFloat)));
   a.workspace = workspace.data_ptr<float>();
   kernel<<<dim3(unsigned(tiles), unsigned(splits)), kThreads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -439,8 +446,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_backward_weight_cuda(const at::Te
               ", got ", p, "x", q);
   c10::cuda::CUDAGuard guard(grad_out.device());
 
-  at::Tensor grad_weight = at::empty({k, c, r, s}, grad_out.options());
-  at::Tensor grad_bias = at::empty({k}, grad_out.options());
+  at::Tensor grad_weight = poison_if_debug(at::empty({k, c, r, s}, grad_out.options()));
+  at::Tensor grad_bias = poison_if_debug(at::empty({k}, grad_out.options()));
   if (k == 0) return {grad_weight, grad_bias};
   if (n * p * q == 0) {
     grad_weight.zero_();

@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "poison.h"  // poison_if_debug: the debug fill of kernel outputs
 #include "pool_shape.h"  // pooling argument checks and output sizes, shared with the CPU kernels
 
 namespace alexnet_fast::gpu {

@@ -706,7 +706,7 @@ at::Tensor lrn_cuda(const at::Tensor& x, int64_t size, double alpha, double beta
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = output_memory_format(x);
   const at::Tensor xc = x.contiguous(fmt);
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(fmt));
+  at::Tensor out = poison_if_debug(at::empty(x.sizes(), x.options().memory_format(fmt)));
   if (out.numel() == 0) return out;
   check_plane(x.size(2), x.size(3), "x");
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -748,7 +748,7 @@ at::Tensor lrn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, in
   const auto fmt = output_memory_format(x);
   const at::Tensor xc = x.contiguous(fmt);
   const at::Tensor g = grad_out.contiguous(fmt);
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
+  at::Tensor dx = poison_if_debug(at::empty(x.sizes(), x.options().memory_format(fmt)));
   if (dx.numel() == 0) return dx;
   check_plane(x.size(2), x.size(3), "x");
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -847,8 +847,8 @@ std::tuple<at::Tensor, at::Tensor> lrn_max_pool2d_cuda(const at::Tensor& x, int6
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = output_memory_format(x);
   const at::Tensor xc = x.contiguous(fmt);
-  at::Tensor out = at::empty({N, C, OH, OW}, x.options().memory_format(fmt));
-  at::Tensor indices = at::empty({N, C, OH, OW}, x.options().dtype(at::kByte).memory_format(fmt));
+  at::Tensor out = poison_if_debug(at::empty({N, C, OH, OW}, x.options().memory_format(fmt)));
+  at::Tensor indices = poison_if_debug(at::empty({N, C, OH, OW}, x.options().dtype(at::kByte).memory_format(fmt)));
   if (out.numel() == 0) return {out, indices};
   const PoolShape s = make_pool_shape(H, W, OH, OW, kernel_size, stride, padding);
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -926,7 +926,7 @@ at::Tensor lrn_max_pool2d_backward_cuda(const at::Tensor& grad_out, const at::Te
   const at::Tensor xc = x.contiguous(fmt);
   const at::Tensor g = grad_out.contiguous(fmt);
   const at::Tensor idx = indices.contiguous(fmt);
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
+  at::Tensor dx = poison_if_debug(at::empty(x.sizes(), x.options().memory_format(fmt)));
   if (dx.numel() == 0) return dx;
   const PoolShape s = make_pool_shape(H, W, OH, OW, kernel_size, stride, padding);
   const auto stream = at::cuda::getCurrentCUDAStream();

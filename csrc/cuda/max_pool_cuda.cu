@@ -293,8 +293,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cuda(const at::Tensor& x, at::IntA
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = output_memory_format(x);
   const at::Tensor xc = x.contiguous(fmt);
-  at::Tensor out = at::empty({N, C, OH, OW}, x.options().memory_format(fmt));
-  at::Tensor indices = at::empty({N, C, OH, OW}, x.options().dtype(at::kByte).memory_format(fmt));
+  at::Tensor out = poison_if_debug(at::empty({N, C, OH, OW}, x.options().memory_format(fmt)));
+  at::Tensor indices = poison_if_debug(at::empty({N, C, OH, OW}, x.options().dtype(at::kByte).memory_format(fmt)));
   if (out.numel() == 0) return {out, indices};
   const PoolShape s = make_pool_shape(H, W, OH, OW, kernel_size, stride, padding);
   const bool k3 = s.kh == 3 && s.kw == 3;
@@ -363,7 +363,7 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_out, const at::Tensor
   const auto fmt = output_memory_format(grad_out);
   const at::Tensor g = grad_out.contiguous(fmt);
   const at::Tensor idx = indices.contiguous(fmt);
-  at::Tensor dx = at::empty({N, C, H, W}, grad_out.options().memory_format(fmt));
+  at::Tensor dx = poison_if_debug(at::empty({N, C, H, W}, grad_out.options().memory_format(fmt)));
   if (dx.numel() == 0) return dx;
   const PoolShape s = make_pool_shape(H, W, OH, OW, kernel_size, stride, padding);
   const bool cell = s.kh == kCellK && s.kw == kCellK && s.sh == kCellS && s.sw == kCellS;

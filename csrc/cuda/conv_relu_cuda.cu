@@ -142,11 +142,10 @@ ConvShape make_shape(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int6
   return cs;
 }
 
-// An empty tensor with the strides `at::empty(shape).contiguous(fmt)` has, which is what the
-// fake kernels return (poisoned in debug runs).
+// An output in memory format `fmt`, allocated as every kernel of ours and the fake kernels
+// allocate theirs, so the strides agree also on dimensions of size 1 (poisoned in debug runs).
 at::Tensor alloc_output(at::IntArrayRef shape, const at::TensorOptions& options, at::MemoryFormat fmt) {
-  at::Tensor t = at::empty(shape, options);
-  return poison_if_debug(t.is_contiguous(fmt) ? t : at::empty(shape, options.memory_format(fmt)));
+  return poison_if_debug(at::empty(shape, options.memory_format(fmt)));
 }
 
 // Where a kernel writes `result`: the tensor itself when its memory is dense NHWC, else a

@@ -2,7 +2,8 @@
 library ``torch.ops.alexnet_fast`` and the Triton ops (``alexnet_fast/triton``), which mirror it.
 
 What each forward keeps for backward (counted in bytes, see BENCHMARKS.md):
-* conv2d_relu: x, weight and its output (the ReLU mask is ``out > 0``; no mask tensor).
+* conv2d_relu (and conv2d_relu_cudnn): x, weight and its output (the ReLU mask is ``out > 0``;
+  no mask tensor).
 * lrn: only x, which the preceding conv2d_relu keeps anyway; backward recomputes the denominator.
 * max_pool2d: uint8 window offsets (an eighth of PyTorch's int64 indices); not x.
 * lrn_max_pool2d: x and the uint8 offsets; the LRN output is never stored.
@@ -72,3 +73,19 @@ def register(ns, ops=ALL_OPS) -> None:
 
     if "lrn_max_pool2d" in ops:
         torch.library.register_autograd(ns.lrn_max_pool2d.default, fused_backward, setup_context=fused_setup)
+
+
+def register_cudnn_conv(ns) -> None:
+    """The autograd formula of ``ns.conv2d_relu_cudnn``, whose one backward op returns the
+    gradients asked for (an empty tensor in place of the others)."""
+    def setup(ctx, inputs, output):
+        x, weight, _, ctx.stride, ctx.padding = inputs
+        ctx.save_for_backward(x, weight, output)
+
+    def backward(ctx, grad):
+        x, weight, out = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])  # a missing bias needs no gradient
+        grads = ns.conv2d_relu_cudnn_backward(grad, out, x, weight, ctx.stride, ctx.padding, mask)
+        return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None)
+
+    torch.library.register_autograd(ns.conv2d_relu_cudnn.default, backward, setup_context=setup)

@@ -5,6 +5,11 @@
            on CPU tensors.
 ``triton`` Triton kernels (GPU tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 ``auto``   per op and device, the fastest available backend according to ``autotable``.
+
+``auto`` may also choose ``cudnn`` for ``conv2d_relu`` on the GPU: cuDNN's fused conv+bias+ReLU
+forward and cuDNN gradients with the ReLU mask applied once (``torch.ops.alexnet_fast.
+conv2d_relu_cudnn``), where ``torch`` runs PyTorch's convolution, bias add and ReLU apart. It is
+not a backend of its own: the other ops have no cuDNN kernels.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 
 BACKENDS = ("auto", "torch", "native", "triton")
 CONCRETE = ("torch", "native", "triton")
+CONV_ONLY = ("cudnn",)  # what ``auto`` may also choose for conv2d_relu
 ENV_VAR = "ALEXNET_FAST_BACKEND"
 
 
@@ -52,6 +58,21 @@ def use_backend(name: str):
         yield
     finally:
         _default.reset(token)
+
+
+_graphed = contextvars.ContextVar("alexnet_fast_graphed", default=False)
+
+
+@contextlib.contextmanager
+def for_cuda_graph():
+    """``with for_cuda_graph(): ...`` tells ``auto`` that the ops of the block (their warm-up and
+    their capture) will be replayed from a CUDA graph, so the host's per-call cost of a kernel
+    does not count; ``auto`` then takes the rows measured that way (``autotable``)."""
+    token = _graphed.set(True)
+    try:
+        yield
+    finally:
+        _graphed.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,6 +133,12 @@ def _availability(backend: str, device_type: str) -> tuple[bool, str]:
                 "rebuild with CUDA_HOME=/path/to/cuda pip install --no-build-isolation -e . "
                 "(and without ALEXNET_FAST_NO_CUDA=1)")
         return True, ""
+    if backend == "cudnn":
+        if device_type != "cuda":
+            return False, "cudnn runs conv2d_relu on CUDA tensors only"
+        if not torch.backends.cudnn.is_available():
+            return False, "this torch build has no cuDNN"
+        return _availability("native", device_type)  # the op lives in the CUDA extension
     if backend == "triton":
         err = _triton_import_error()
         if err:
@@ -119,13 +146,11 @@ def _availability(backend: str, device_type: str) -> tuple[bool, str]:
         if device_type == "cpu" and not triton_interpreted():
             return False, "triton kernels run on CUDA tensors; on CPU tensors only under TRITON_INTERPRET=1 (for tests)"
         if device_type == "cuda":
-            import torch
-
             major, _ = torch.cuda.get_device_capability()
             if major < 8:
                 return False, f"triton kernels need a GPU of compute capability >= 8.0, this one is {major}.x"
         return True, ""
-    raise ValueError(f"backend must be one of {CONCRETE}, got {backend!r}")
+    raise ValueError(f"backend must be one of {CONCRETE + CONV_ONLY}, got {backend!r}")
 
 
 def availability(backend: str, device_type: str) -> tuple[bool, str]:
@@ -149,7 +174,7 @@ def resolve(backend: str | None, op: str, device_type: str, shape_key=None) -> s
         return _loaded(name)
     from alexnet_fast import autotable
 
-    for candidate in autotable.preference(op, device_type, shape_key):
+    for candidate in autotable.preference(op, device_type, shape_key, graphed=_graphed.get()):
         if availability(candidate, device_type)[0]:
             return _loaded(candidate)
     return "torch"

@@ -2,7 +2,8 @@
 forward, backward and forward+backward, per dtype and layout, for every provider side by side:
 
 ``eager``        the PyTorch reference op (``alexnet_fast.reference``)
-``cudnn_fused``  ``torch.cudnn_convolution_relu`` (convolutions, forward only, CUDA only)
+``cudnn_fused``  cuDNN's fused conv+bias+ReLU (``torch.cudnn_convolution_relu``) with cuDNN
+                 gradients, the ``cudnn`` choice of ``auto`` (convolutions, CUDA only)
 ``compile``      ``torch.compile`` of the reference op (forward+backward only, see ``run``)
 ``native``, ``triton``, ``auto``   ``alexnet_fast.ops`` with that backend
 
@@ -100,8 +101,8 @@ def min_image_size() -> int:
 
 
 def applicable(case: OpCase, provider: str, mode: str) -> bool:
-    """cuDNN's fused conv+ReLU exists for convolutions, forward only."""
-    return provider != "cudnn_fused" or (case.conv is not None and mode == "fwd")
+    """cuDNN's fused conv+ReLU exists for convolutions only."""
+    return provider != "cudnn_fused" or case.conv is not None
 
 
 def provider_fn(case: OpCase, provider: str, device: str):
@@ -113,14 +114,16 @@ def provider_fn(case: OpCase, provider: str, device: str):
             raise Skipped(reason)
         if provider == "triton" and device == "cpu":
             raise Skipped("Triton on the CPU runs only in the interpreter, which is not timed")
-    if provider == "cudnn_fused" and device != "cuda":
-        raise Skipped("torch.cudnn_convolution_relu runs on CUDA only")
+    if provider == "cudnn_fused":
+        ok, reason = backends.availability("cudnn", device)
+        if not ok:
+            raise Skipped(reason)
     if case.conv is not None:
         s, p = case.conv.stride, case.conv.padding
         if provider in ("eager", "compile"):
             fn = lambda x, w, b: reference.conv2d_relu(x, w, b, (s, s), (p, p))  # noqa: E731
         elif provider == "cudnn_fused":
-            fn = lambda x, w, b: torch.cudnn_convolution_relu(x, w, b, (s, s), (p, p), (1, 1), 1)  # noqa: E731
+            fn = lambda x, w, b: torch.ops.alexnet_fast.conv2d_relu_cudnn(x, w, b, [s, s], [p, p])  # noqa: E731
         else:
             fn = lambda x, w, b: ops.conv2d_relu(x, w, b, s, p, backend=provider)  # noqa: E731
     else:

@@ -6,7 +6,8 @@ an SGD step (momentum 0.9, weight decay 5e-4), for every provider in the same ru
 ``auto``            AlexNet(backend="auto"), eager, NCHW and channels_last
 ``auto+compile``    torch.compile of the auto model, in the layout where ``auto`` was faster
 ``auto+cudagraph``  the auto model with the whole step (forward, backward, optimizer) captured in
-                    one CUDA graph and replayed; inputs are copied into static tensors first
+                    one CUDA graph and replayed; inputs are copied into static tensors first;
+                    ``auto`` uses its rows for graphed ops (``backends.for_cuda_graph``)
 
 bf16 means autocast to bfloat16 with TF32 off; tf32 means float32 with TF32 on; fp32 means TF32
 off. Warm-up steps (and so compile time, reported separately) are excluded from the timing; two
@@ -14,6 +15,7 @@ random batches alternate.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -23,13 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from alexnet_fast.bench import Skipped, error_status, format_row, make_row, peak_memory_mb, precision, synchronize, time_fn
+from alexnet_fast.backends import for_cuda_graph
 from alexnet_fast.model import INPUT_SIZE, AlexNet
+from alexnet_fast.train import make_sgd
 
 STEP_PROVIDERS = ("eager", "compile", "auto", "auto+compile", "auto+cudagraph")
 STEP_DTYPES = ("bf16", "tf32", "fp32")
 COMPILED = ("compile", "auto+compile")
 NUM_CLASSES = 10
-SGD_ARGS = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+SGD_ARGS = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)  # the fused step on CUDA, as training runs it
 WARMUP_STEPS = 3
 NUM_BATCHES = 2
 
@@ -58,7 +62,7 @@ def prepare_step(provider: str, layout: str, batch: int, dtype: str, size: int, 
     with torch.device(device):  # initialise the 58M parameters where they live
         model = AlexNet(num_classes=NUM_CLASSES, backend=backend).to(memory_format=fmt).train()
     # SGD keeps no step counter on the device, so it needs no capturable flag to be captured.
-    opt = torch.optim.SGD(model.parameters(), **SGD_ARGS)
+    opt = make_sgd(model.parameters(), device, **SGD_ARGS)
     gen = torch.Generator(device=device).manual_seed(seed)
     images = [torch.randn((batch, 3, size, size), generator=gen, device=device).contiguous(memory_format=fmt)
               for _ in range(NUM_BATCHES)]
@@ -66,10 +70,12 @@ def prepare_step(provider: str, layout: str, batch: int, dtype: str, size: int, 
     forward = torch.compile(model) if provider in COMPILED else model
     amp = dtype == "bf16"
 
+    rows = for_cuda_graph if graphed else contextlib.nullcontext
+
     def step(x, y):
         # The autocast weight cache must be off while capturing (its casts would be freed outside
         # the graph's memory pool).
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp, cache_enabled=not graphed):
+        with rows(), torch.autocast(device, dtype=torch.bfloat16, enabled=amp, cache_enabled=not graphed):
             loss = F.cross_entropy(forward(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -148,6 +148,8 @@ def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1,
     if name == "torch":
         return reference.conv2d_relu(x, weight, bias, stride, padding)
     x, weight, bias = _autocast(x, weight, bias)
+    if name == "cudnn":
+        return torch.ops.alexnet_fast.conv2d_relu_cudnn(x, weight, bias, list(stride), list(padding))
     impl = _namespace(name)
     return impl.conv2d_relu(x, weight, bias, list(stride), list(padding))
 
@@ -238,6 +240,16 @@ def _register_native() -> None:
         return (grad_out.new_empty((grad_out.shape[1], x.shape[1], *kernel_hw)),
                 grad_out.new_empty((grad_out.shape[1],)))
 
+    @reg(lib + "conv2d_relu_cudnn")
+    def _(x, weight, bias, stride, padding):
+        return empty_output(conv_out_shape(x, weight, stride, padding), x)
+
+    @reg(lib + "conv2d_relu_cudnn_backward")
+    def _(grad_out, out, x, weight, stride, padding, output_mask):
+        shapes = (x.shape, weight.shape, None)
+        return tuple((empty_output(shape, x) if shape else x.new_empty((weight.shape[0],))) if wanted
+                     else x.new_empty((0,)) for shape, wanted in zip(shapes, output_mask))
+
     @reg(lib + "lrn")
     def _(x, size, alpha, beta, k):
         return torch.empty_like(x, memory_format=output_memory_format(x))
@@ -265,6 +277,7 @@ def _register_native() -> None:
         return torch.empty_like(x, memory_format=output_memory_format(x))
 
     autograd.register(torch.ops.alexnet_fast)
+    autograd.register_cudnn_conv(torch.ops.alexnet_fast)
 
 
 if backends.native_build()[0] is not None:

@@ -120,6 +120,13 @@ def amp_dtype(amp) -> torch.dtype | None:
     return _AMP_DTYPES[amp]
 
 
+def make_sgd(params, device_type: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with the step in one fused kernel on CUDA (one pass over parameters, gradients and
+    momentum; the foreach step makes three), foreach elsewhere."""
+    step_kind = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **step_kind)
+
+
 def _autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -502,14 +509,7 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
         model = AlexNet(num_classes=len(train_set.classes), backend=config.backend).to(device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        step_kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            **step_kind,
-        )
+        optimizer = make_sgd(model.parameters(), device.type, config.lr, config.momentum, config.weight_decay)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **PLATEAU)
         scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
         # Dropout streams differ per process; the parameters are the same on every rank.

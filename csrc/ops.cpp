@@ -49,6 +49,13 @@ TORCH_LIBRARY(alexnet_fast, m) {
   m.def(
       "conv2d_relu_backward_weight(Tensor grad_out, Tensor out, Tensor x, int[2] kernel_hw, "
       "int[2] stride, int[2] padding) -> (Tensor, Tensor)");
+  // The same op through cuDNN (CUDA only): its fused conv+bias+ReLU forward, and one backward for
+  // all three gradients (output_mask: x, weight, bias; an output not asked for is empty), which
+  // applies the ReLU mask once.
+  m.def("conv2d_relu_cudnn(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding) -> Tensor");
+  m.def(
+      "conv2d_relu_cudnn_backward(Tensor grad_out, Tensor out, Tensor x, Tensor weight, int[2] stride, "
+      "int[2] padding, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // torch.nn.functional.local_response_norm. Backward recomputes the denominator from x, which
   // the preceding conv2d_relu keeps anyway, so LRN saves no tensor of its own.

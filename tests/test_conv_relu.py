@@ -2,9 +2,9 @@
 F.conv2d + ReLU in float64."""
 import pytest
 import torch
-from conftest import assert_close, assert_layout, random_input, tolerance
+from conftest import assert_close, assert_layout, random_input, skip_unless_available, tolerance
 
-from alexnet_fast import backends, ops, reference
+from alexnet_fast import autotable, backends, ops, reference
 
 # (x shape, weight shape, stride, padding): odd sizes, C_out not a multiple of 8, N=1,
 # rectangular kernels, a conv1-like 11x11 stride-4 layer.
@@ -75,6 +75,24 @@ def test_conv_relu_no_bias_and_frozen_input(backend, device):
     for layout in ("contiguous", "channels_last"):
         _run(backend, device, torch.float32, layout, (2, 3, 27, 27), (8, 3, 11, 11), (4, 4), (0, 0),
              bias=False, x_grad=False)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("cudnn_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_conv_relu_cudnn_on_cuda(monkeypatch, cudnn_dtype, layout):
+    """auto's cudnn choice: cuDNN's fused forward and the ReLU-masked cuDNN gradients."""
+    skip_unless_available("cudnn", "cuda")
+    monkeypatch.setattr(autotable, "preference", lambda *args, **kwargs: ("cudnn",))
+    assert backends.resolve("auto", "conv2d_relu", "cuda") == "cudnn"
+    tf32_flag = torch.backends.cudnn.allow_tf32
+    try:
+        for allow_tf32 in [False, True] if cudnn_dtype == torch.float32 else [False]:
+            torch.backends.cudnn.allow_tf32 = allow_tf32
+            for case in CUDA_CASES:
+                _run("auto", "cuda", cudnn_dtype, layout, *case)
+            _run("auto", "cuda", cudnn_dtype, layout, *CPU_CASES[2], bias=False, x_grad=False)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32_flag
 
 
 def test_conv_relu_autocast(backend, device):

@@ -2,7 +2,7 @@
 registration and dispatch consistency."""
 import pytest
 import torch
-from conftest import random_input
+from conftest import random_input, skip_unless_available
 
 import alexnet_fast  # noqa: F401  (registers fake kernels and autograd)
 from alexnet_fast import ops
@@ -78,3 +78,37 @@ def test_fake_strides_match_the_kernels(backend, device, op):
     real, fake = (real, fake) if isinstance(real, tuple) else ((real,), (fake,))
     for r, f in zip(real, fake):
         assert (r.shape, r.stride()) == (f.shape, f.stride()), f"{op}: kernel {r.stride()}, fake {f.stride()}"
+
+
+def _cudnn_samples(layout):
+    """The ops behind auto's ``cudnn`` choice of conv2d_relu; with a 1x1 output plane too."""
+    samples = _samples("cuda", layout)
+    x, w, b, stride, padding = samples["conv2d_relu"]
+    out = samples["conv2d_relu_backward_input"][1]
+    g = samples["conv2d_relu_backward_input"][0]
+    small = _size_one_samples("cuda")["conv2d_relu"]
+    small_out = torch.relu(torch.nn.functional.conv2d(*small[:3], 2, 0))
+    return [
+        ("conv2d_relu_cudnn", (x, w, b, stride, padding)),
+        ("conv2d_relu_cudnn", (x, w, None, stride, padding)),
+        ("conv2d_relu_cudnn", small),
+        ("conv2d_relu_cudnn_backward", (g, out, x.detach(), w.detach(), stride, padding, [True, True, True])),
+        ("conv2d_relu_cudnn_backward", (g, out, x.detach(), w.detach(), stride, padding, [False, True, False])),
+        ("conv2d_relu_cudnn_backward", (small_out, small_out, *small[:2], [2, 2], [0, 0], [True, True, True])),
+    ]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck_cudnn_conv_cuda(layout):
+    skip_unless_available("cudnn", "cuda")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for name, args in _cudnn_samples(layout):
+        fn = getattr(torch.ops.alexnet_fast, name).default
+        torch.library.opcheck(fn, args)
+        real = fn(*args)
+        with FakeTensorMode() as mode:
+            fake = fn(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+        real, fake = (real, fake) if isinstance(real, tuple) else ((real,), (fake,))
+        for r, f in zip(real, fake):
+            assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), f"{name}: kernel {r.stride()}, fake {f.stride()}"

@@ -16,12 +16,14 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <mutex>
 #include <optional>
 #include <tuple>
 #include <unordered_map>
+#include <vector>
 
 #include "checks.h"
 #include "conv_gemm.cuh"
@@ -264,8 +266,8 @@ void run_output_gemm(ConvArgs<T> a, const at::TensorOptions& float_options, cuda
 // ---------------------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------------------
-at::Tensor conv2d_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            at::IntArrayRef stride, at::IntArrayRef padding) {
+void check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        at::IntArrayRef stride, at::IntArrayRef padding) {
   CHECK_4D(x);
   CHECK_4D(weight);
   CHECK_CUDA(x);
@@ -274,16 +276,22 @@ at::Tensor conv2d_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const
   check_conv_params(stride, padding);
   TORCH_CHECK(weight.size(1) == x.size(1), "weight must have x's ", x.size(1),
               " input channels in dim 1 (groups=1), got shape ", weight.sizes());
-  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-  const int64_t k = weight.size(0), r = weight.size(2), s = weight.size(3);
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == k, "bias must have shape [", k, "], got ", b.sizes());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == weight.size(0), "bias must have shape [", weight.size(0), "], got ",
+                b.sizes());
     TORCH_CHECK(b.device() == x.device(), "bias must be on the device of x (", x.device(), "), got ", b.device());
     TORCH_CHECK(b.scalar_type() == x.scalar_type(), "bias must have the dtype of x (", x.scalar_type(), "), got ",
                 b.scalar_type());
   }
-  check_kernel_fits(h, w, r, s, padding);
+  check_kernel_fits(x.size(2), x.size(3), weight.size(2), weight.size(3), padding);
+}
+
+at::Tensor conv2d_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            at::IntArrayRef stride, at::IntArrayRef padding) {
+  check_forward_args(x, weight, bias, stride, padding);
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t k = weight.size(0), r = weight.size(2), s = weight.size(3);
   const int64_t p = conv_output_size(h, r, stride[0], padding[0]);
   const int64_t q = conv_output_size(w, s, stride[1], padding[1]);
   c10::cuda::CUDAGuard guard(x.device());
@@ -479,10 +487,51 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_backward_weight_cuda(const at::Te
   return {grad_weight, grad_bias};
 }
 
+// ---------------------------------------------------------------------------------------------
+// through cuDNN
+// ---------------------------------------------------------------------------------------------
+// The forward is cuDNN's fused conv+bias+ReLU (one kernel, where F.relu(F.conv2d(...)) runs the
+// convolution, a bias add and a ReLU). The backward masks grad_out with the output once and gives
+// it to cuDNN's input and weight gradients; the bias gradient is its sum. Operands are taken in
+// x's layout, so the outputs (and the weight gradient) are in it too, as the fake kernels say.
+at::Tensor conv2d_relu_cudnn(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             at::IntArrayRef stride, at::IntArrayRef padding) {
+  check_forward_args(x, weight, bias, stride, padding);
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto fmt = output_memory_format(x);
+  return at::cudnn_convolution_relu(x.contiguous(fmt), weight.contiguous(fmt), bias, stride, padding, {1, 1}, 1);
+}
+
+// (grad_x, grad_weight, grad_bias); an output not asked for by output_mask is an empty tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_cudnn_backward(
+    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, std::array<bool, 3> output_mask) {
+  check_forward_args(x, weight, std::nullopt, stride, padding);
+  CHECK_4D(grad_out);
+  CHECK_SAME_DEVICE(x, grad_out);
+  CHECK_SAME_DEVICE(x, out);
+  CHECK_SAME_DTYPE(x, grad_out);
+  CHECK_SAME_DTYPE(x, out);
+  const int64_t p = conv_output_size(x.size(2), weight.size(2), stride[0], padding[0]);
+  const int64_t q = conv_output_size(x.size(3), weight.size(3), stride[1], padding[1]);
+  CHECK_SHAPE(grad_out, x.size(0), weight.size(0), p, q);
+  CHECK_SHAPE(out, x.size(0), weight.size(0), p, q);
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto fmt = output_memory_format(x);
+  const at::Tensor masked = at::threshold_backward(grad_out.contiguous(fmt), out.contiguous(fmt), 0);
+  const std::vector<int64_t> bias_sizes{weight.size(0)};
+  auto [gx, gw, gb] = at::convolution_backward(masked, x.contiguous(fmt), weight.contiguous(fmt), bias_sizes, stride,
+                                               padding, {1, 1}, false, {0, 0}, 1, output_mask);
+  const auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, x.options()); };
+  return {or_empty(gx), or_empty(gw), or_empty(gb)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(alexnet_fast, CUDA, m) {
   m.impl("conv2d_relu", &conv2d_relu_cuda);
   m.impl("conv2d_relu_backward_input", &conv2d_relu_backward_input_cuda);
   m.impl("conv2d_relu_backward_weight", &conv2d_relu_backward_weight_cuda);
+  m.impl("conv2d_relu_cudnn", &conv2d_relu_cudnn);
+  m.impl("conv2d_relu_cudnn_backward", &conv2d_relu_cudnn_backward);
 }

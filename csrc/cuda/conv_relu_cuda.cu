@@ -7,6 +7,9 @@
 // Dtypes: bfloat16 and float16 on the tensor cores with fp32 accumulation; float32 on the TF32
 // tensor cores when torch.backends.cudnn.allow_tf32 is set (PyTorch's rule for convolutions),
 // with fp32 FMAs otherwise. float64 runs on the CPU kernels only.
+//
+// The same op through cuDNN (conv2d_relu_cudnn, which `auto` runs where cuDNN is faster) is at the
+// end: cuDNN's fused forward, and one backward with our ReLU-mask and bias-gradient pass.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -22,11 +25,13 @@
 #include <mutex>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
 #include "checks.h"
 #include "conv_gemm.cuh"
+#include "cuda/cuda_common.cuh"
 #include "poison.h"
 
 #define CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor, got ", (x).device())
@@ -491,15 +496,85 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_backward_weight_cuda(const at::Te
 // through cuDNN
 // ---------------------------------------------------------------------------------------------
 // The forward is cuDNN's fused conv+bias+ReLU (one kernel, where F.relu(F.conv2d(...)) runs the
-// convolution, a bias add and a ReLU). The backward masks grad_out with the output once and gives
-// it to cuDNN's input and weight gradients; the bias gradient is its sum. Operands are taken in
-// x's layout, so the outputs (and the weight gradient) are in it too, as the fake kernels say.
+// convolution, a bias add and a ReLU). The backward masks grad_out with the output and sums it per
+// channel (the bias gradient) in one pass, then gives the masked gradient to cuDNN's input and
+// weight gradients. Operands are taken in x's layout, so the outputs (and the weight gradient) are
+// in it too, as the fake kernels say.
 at::Tensor conv2d_relu_cudnn(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              at::IntArrayRef stride, at::IntArrayRef padding) {
   check_forward_args(x, weight, bias, stride, padding);
   c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = output_memory_format(x);
   return at::cudnn_convolution_relu(x.contiguous(fmt), weight.contiguous(fmt), bias, stride, padding, {1, 1}, 1);
+}
+
+constexpr int kMaskThreads = 256;
+
+// channels_last rows of C = groups * VEC channels. Block b takes rows [b * rows_per_block, ...);
+// its threads hold (row slot, channel vector) pairs, kMaskThreads / groups row slots, and add up
+// their channels in float; the slots' sums meet in shared memory and the block writes its C sums
+// to partial[b]. The masked gradient is written as it goes. Without atomics: deterministic.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kMaskThreads)
+    relu_mask_bias_grad_kernel(const T* __restrict__ grad, const T* __restrict__ out, T* __restrict__ masked,
+                               float* __restrict__ partial, int64_t rows, int groups, int64_t rows_per_block) {
+  __shared__ float sums[kMaskThreads * VEC];
+  const int slots = kMaskThreads / groups, slot = threadIdx.x / groups, g = threadIdx.x - slot * groups;
+  const int C = groups * VEC;
+  float acc[VEC];
+  alexnet_fast::gpu::fill_zero(acc);
+  const int64_t r0 = blockIdx.x * rows_per_block, r1 = std::min(rows, r0 + rows_per_block);
+  if (slot < slots) {
+#pragma unroll 4
+    for (int64_t r = r0 + slot; r < r1; r += slots) {
+      const int64_t e = r * C + g * VEC;
+      float gv[VEC], ov[VEC];
+      alexnet_fast::gpu::load_as<VEC>(grad + e, gv);
+      alexnet_fast::gpu::load_as<VEC>(out + e, ov);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        gv[v] = ov[v] <= 0.f ? 0.f : gv[v];  // threshold_backward's rule: a NaN output passes its gradient
+        acc[v] += gv[v];
+      }
+      alexnet_fast::gpu::store_as<VEC>(masked + e, gv);
+    }
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) sums[slot * C + g * VEC + v] = acc[v];
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < C; c += kMaskThreads) {
+    float total = 0.f;
+    for (int k = 0; k < slots; ++k) total += sums[k * C + c];
+    partial[blockIdx.x * C + c] = total;
+  }
+}
+
+// (masked grad_out, bias gradient) in one pass, where the layout allows (channels_last, whole
+// 16-byte vectors, at most kMaskThreads vectors per pixel); {} otherwise.
+std::optional<std::tuple<at::Tensor, at::Tensor>> relu_mask_bias_grad(const at::Tensor& grad, const at::Tensor& out) {
+  if (output_memory_format(grad) != at::MemoryFormat::ChannelsLast || grad.scalar_type() == at::kDouble ||
+      grad.numel() == 0) {
+    return std::nullopt;
+  }
+  const int64_t C = grad.size(1), rows = grad.numel() / C;
+  const int vec = int(16 / grad.element_size());
+  if (C % vec != 0 || C / vec > kMaskThreads || !aligned16(grad) || !aligned16(out)) return std::nullopt;
+  at::Tensor masked = poison_if_debug(at::empty_like(grad, at::MemoryFormat::ChannelsLast));
+  const int groups = int(C / vec), slots = kMaskThreads / groups;
+  const int64_t blocks = std::min<int64_t>(ceil_div(rows, slots), int64_t(alexnet_fast::gpu::sm_count()) * 8);
+  const int64_t rows_per_block = ceil_div(rows, blocks);
+  at::Tensor partial = poison_if_debug(at::empty({blocks, C}, grad.options().dtype(at::kFloat)));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "relu_mask_bias_grad", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      constexpr int kVec = 16 / sizeof(scalar_t);
+      relu_mask_bias_grad_kernel<scalar_t, kVec><<<unsigned(blocks), kMaskThreads, 0, stream>>>(
+          grad.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), masked.mutable_data_ptr<scalar_t>(),
+          partial.mutable_data_ptr<float>(), rows, groups, rows_per_block);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return std::make_tuple(masked, partial.sum(0).to(grad.scalar_type()));
 }
 
 // (grad_x, grad_weight, grad_bias); an output not asked for by output_mask is an empty tensor.
@@ -518,12 +593,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_cudnn_backward(
   CHECK_SHAPE(out, x.size(0), weight.size(0), p, q);
   c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = output_memory_format(x);
-  const at::Tensor masked = at::threshold_backward(grad_out.contiguous(fmt), out.contiguous(fmt), 0);
+  const at::Tensor g = grad_out.contiguous(fmt), o = out.contiguous(fmt);
+  at::Tensor masked, gb;
+  if (auto fused = relu_mask_bias_grad(g, o)) {
+    std::tie(masked, gb) = *fused;
+  } else {
+    masked = at::threshold_backward(g, o, 0);
+  }
+  const bool cudnn_bias = output_mask[2] && !gb.defined();
   const std::vector<int64_t> bias_sizes{weight.size(0)};
-  auto [gx, gw, gb] = at::convolution_backward(masked, x.contiguous(fmt), weight.contiguous(fmt), bias_sizes, stride,
-                                               padding, {1, 1}, false, {0, 0}, 1, output_mask);
-  const auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, x.options()); };
-  return {or_empty(gx), or_empty(gw), or_empty(gb)};
+  auto [gx, gw, cudnn_gb] = at::convolution_backward(
+      masked, x.contiguous(fmt), weight.contiguous(fmt), cudnn_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
+      stride, padding, {1, 1}, false, {0, 0}, 1, {output_mask[0], output_mask[1], cudnn_bias});
+  if (cudnn_bias) gb = cudnn_gb;
+  const auto given = [&](const at::Tensor& t, bool wanted) {
+    return wanted && t.defined() ? t : at::empty({0}, x.options());
+  };
+  return {given(gx, output_mask[0]), given(gw, output_mask[1]), given(gb, output_mask[2])};
 }
 
 }  // namespace

@@ -30,23 +30,20 @@ def conv_key(c_in: int, c_out: int, kernel_hw, stride) -> tuple:
 # - convolutions: cuDNN beats both of ours on conv2-conv5, and its fused conv+bias+ReLU
 #   ("cudnn") beats PyTorch's conv, bias add and ReLU ("torch"), e.g. conv2 forward 0.158 vs
 #   0.242 ms;
-# - conv1, forward + weight gradient: Triton's kernels take 1.38 ms on the device against cuDNN's
-#   1.63 ms. In a step replayed from a CUDA graph that wins (4.29 vs 4.65 ms per step); run
-#   eagerly, the Triton launches cost the host more than they save (7.24 vs 5.67 ms), so only
-#   the graphed table takes them.
+# - conv1 (3 channels, 11x11, stride 4) as a 3x3 stride-1 convolution over its input's 4x4
+#   space-to-depth blocks ("cudnn_s2d"): cuDNN's forward 0.107 ms (+0.069 ms for the blocks)
+#   against 1.099 ms, forward + weight gradient 0.637 against 1.705 ms, where Triton's flat-K
+#   kernels take 1.38 ms.
 _CONV1 = conv_key(3, 96, (11, 11), (4, 4))
 _H200 = {
     "conv2d_relu": ("cudnn", "torch"),
+    ("conv2d_relu", _CONV1): ("cudnn_s2d", "cudnn", "torch"),
     "lrn": ("native", "triton", "torch"),
     "max_pool2d": ("native", "triton", "torch"),
     "lrn_max_pool2d": ("native", "triton", "torch"),
 }
-_H200_GRAPHED = {**_H200, ("conv2d_relu", _CONV1): ("triton", "cudnn", "torch")}
 # An unmeasured GPU gets the H200's order: the kernels target the same memory-bound behaviour.
 GPU = {"NVIDIA H200": _H200, "default": _H200}
-# The rows for ops replayed from a CUDA graph (backends.for_cuda_graph), where a launch's host
-# cost does not recur.
-GPU_GRAPHED = {"NVIDIA H200": _H200_GRAPHED, "default": _H200_GRAPHED}
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,11 +53,10 @@ def _gpu_name() -> str:
     return torch.cuda.get_device_name()
 
 
-def preference(op: str, device_type: str, shape_key=None, graphed: bool = False) -> tuple[str, ...]:
+def preference(op: str, device_type: str, shape_key=None) -> tuple[str, ...]:
     """Backends to try for ``op``; ``shape_key`` (a convolution's ``conv_key``) selects a
-    per-shape row where the table has one; ``graphed`` the rows for CUDA-graph replay."""
+    per-shape row where the table has one."""
     if device_type != "cuda":
         return CPU.get(op, ("torch",))
-    tables = GPU_GRAPHED if graphed else GPU
-    table = tables.get(_gpu_name(), tables["default"])
-    return table.get((op, shape_key)) or table.get(op) or tables["default"][op]
+    table = GPU.get(_gpu_name(), GPU["default"])
+    return table.get((op, shape_key)) or table.get(op) or GPU["default"][op]

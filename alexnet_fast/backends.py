@@ -6,10 +6,13 @@
 ``triton`` Triton kernels (GPU tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 ``auto``   per op and device, the fastest available backend according to ``autotable``.
 
-``auto`` may also choose ``cudnn`` for ``conv2d_relu`` on the GPU: cuDNN's fused conv+bias+ReLU
-forward and cuDNN gradients with the ReLU mask applied once (``torch.ops.alexnet_fast.
-conv2d_relu_cudnn``), where ``torch`` runs PyTorch's convolution, bias add and ReLU apart. It is
-not a backend of its own: the other ops have no cuDNN kernels.
+``auto`` may also choose, for ``conv2d_relu`` on the GPU,
+``cudnn``      cuDNN's fused conv+bias+ReLU forward and cuDNN gradients with the ReLU mask applied
+               once (``torch.ops.alexnet_fast.conv2d_relu_cudnn``), where ``torch`` runs PyTorch's
+               convolution, bias add and ReLU apart;
+``cudnn_s2d``  the same op on the space-to-depth blocks of a strided convolution's input
+               (``alexnet_fast.space_to_depth``), a stride-1 convolution over more channels.
+They are not backends of their own: the other ops have no cuDNN kernels.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch
 
 BACKENDS = ("auto", "torch", "native", "triton")
 CONCRETE = ("torch", "native", "triton")
-CONV_ONLY = ("cudnn",)  # what ``auto`` may also choose for conv2d_relu
+CONV_ONLY = ("cudnn", "cudnn_s2d")  # what ``auto`` may also choose for conv2d_relu
 ENV_VAR = "ALEXNET_FAST_BACKEND"
 
 
@@ -58,21 +61,6 @@ def use_backend(name: str):
         yield
     finally:
         _default.reset(token)
-
-
-_graphed = contextvars.ContextVar("alexnet_fast_graphed", default=False)
-
-
-@contextlib.contextmanager
-def for_cuda_graph():
-    """``with for_cuda_graph(): ...`` tells ``auto`` that the ops of the block (their warm-up and
-    their capture) will be replayed from a CUDA graph, so the host's per-call cost of a kernel
-    does not count; ``auto`` then takes the rows measured that way (``autotable``)."""
-    token = _graphed.set(True)
-    try:
-        yield
-    finally:
-        _graphed.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,7 +121,7 @@ def _availability(backend: str, device_type: str) -> tuple[bool, str]:
                 "rebuild with CUDA_HOME=/path/to/cuda pip install --no-build-isolation -e . "
                 "(and without ALEXNET_FAST_NO_CUDA=1)")
         return True, ""
-    if backend == "cudnn":
+    if backend in CONV_ONLY:
         if device_type != "cuda":
             return False, "cudnn runs conv2d_relu on CUDA tensors only"
         if not torch.backends.cudnn.is_available():
@@ -174,7 +162,7 @@ def resolve(backend: str | None, op: str, device_type: str, shape_key=None) -> s
         return _loaded(name)
     from alexnet_fast import autotable
 
-    for candidate in autotable.preference(op, device_type, shape_key, graphed=_graphed.get()):
+    for candidate in autotable.preference(op, device_type, shape_key):
         if availability(candidate, device_type)[0]:
             return _loaded(candidate)
     return "torch"

@@ -356,7 +356,7 @@ def recompute_ratios(rows) -> None:
 # ---------------------------------------------------------------------------------------------
 # markdown
 # ---------------------------------------------------------------------------------------------
-OP_PROVIDER_ORDER = ("eager", "cudnn_fused", "compile", "native", "triton", "auto")
+OP_PROVIDER_ORDER = ("eager", "cudnn_fused", "cudnn_s2d", "compile", "native", "triton", "auto")
 OURS = ("native", "triton", "auto")
 
 
@@ -521,7 +521,7 @@ def write_plots(rows, out_dir, name: str) -> list[Path]:
         fig = Figure(figsize=(9, 6), layout="constrained")
         ax = fig.add_subplot(1, 1, 1)
         markers = dict(zip(("conv2d_relu", "lrn", "max_pool2d", "lrn_max_pool2d"), "osD^"))
-        colors = dict(zip(OP_PROVIDER_ORDER, ("C0", "C1", "C2", "C3", "C4", "C5")))
+        colors = dict(zip(OP_PROVIDER_ORDER, ("C0", "C1", "C2", "C3", "C4", "C5", "C6")))
         intensity = [r["flops"] / r["min_bytes"] for r in points]
         lo, hi = min(intensity) / 2, max(intensity) * 2
         copy = ceilings.get(("copy", "fp32"))
@@ -593,7 +593,7 @@ def _choices(allowed, what):
     return parse
 
 
-PROVIDERS = ("eager", "cudnn_fused", "compile", "native", "triton", "auto", "auto+compile", "auto+cudagraph")
+PROVIDERS = ("eager", "cudnn_fused", "cudnn_s2d", "compile", "native", "triton", "auto", "auto+compile", "auto+cudagraph")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 

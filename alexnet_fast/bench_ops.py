@@ -4,6 +4,8 @@ forward, backward and forward+backward, per dtype and layout, for every provider
 ``eager``        the PyTorch reference op (``alexnet_fast.reference``)
 ``cudnn_fused``  cuDNN's fused conv+bias+ReLU (``torch.cudnn_convolution_relu``) with cuDNN
                  gradients, the ``cudnn`` choice of ``auto`` (convolutions, CUDA only)
+``cudnn_s2d``    the same at stride 1 on the input's space-to-depth blocks, the ``cudnn_s2d``
+                 choice of ``auto`` (strided convolutions, CUDA only)
 ``compile``      ``torch.compile`` of the reference op (forward+backward only, see ``run``)
 ``native``, ``triton``, ``auto``   ``alexnet_fast.ops`` with that backend
 
@@ -35,7 +37,7 @@ from alexnet_fast.bench import (
 )
 from alexnet_fast.model import ALEXNET_CONVS, INPUT_SIZE, LRN_PARAMS, POOL_PARAMS, ConvSpec, layer_shapes
 
-OP_PROVIDERS = ("eager", "cudnn_fused", "compile", "native", "triton", "auto")
+OP_PROVIDERS = ("eager", "cudnn_fused", "cudnn_s2d", "compile", "native", "triton", "auto")
 TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Normwise relative difference from eager (same dtype) above which a provider is flagged: far
 # above two correct implementations' rounding differences, far below a wrong result's ~1.
@@ -101,7 +103,10 @@ def min_image_size() -> int:
 
 
 def applicable(case: OpCase, provider: str, mode: str) -> bool:
-    """cuDNN's fused conv+ReLU exists for convolutions only."""
+    """cuDNN's fused conv+ReLU exists for convolutions only; its space-to-depth form is for
+    strided ones."""
+    if provider == "cudnn_s2d":
+        return case.conv is not None and case.conv.stride > 1
     return provider != "cudnn_fused" or case.conv is not None
 
 
@@ -114,7 +119,7 @@ def provider_fn(case: OpCase, provider: str, device: str):
             raise Skipped(reason)
         if provider == "triton" and device == "cpu":
             raise Skipped("Triton on the CPU runs only in the interpreter, which is not timed")
-    if provider == "cudnn_fused":
+    if provider in ("cudnn_fused", "cudnn_s2d"):
         ok, reason = backends.availability("cudnn", device)
         if not ok:
             raise Skipped(reason)
@@ -124,6 +129,8 @@ def provider_fn(case: OpCase, provider: str, device: str):
             fn = lambda x, w, b: reference.conv2d_relu(x, w, b, (s, s), (p, p))  # noqa: E731
         elif provider == "cudnn_fused":
             fn = lambda x, w, b: torch.ops.alexnet_fast.conv2d_relu_cudnn(x, w, b, [s, s], [p, p])  # noqa: E731
+        elif provider == "cudnn_s2d":
+            fn = lambda x, w, b: ops.conv2d_relu_cudnn_s2d(x, w, b, (s, s), (p, p))  # noqa: E731
         else:
             fn = lambda x, w, b: ops.conv2d_relu(x, w, b, s, p, backend=provider)  # noqa: E731
     else:

@@ -6,8 +6,7 @@ an SGD step (momentum 0.9, weight decay 5e-4), for every provider in the same ru
 ``auto``            AlexNet(backend="auto"), eager, NCHW and channels_last
 ``auto+compile``    torch.compile of the auto model, in the layout where ``auto`` was faster
 ``auto+cudagraph``  the auto model with the whole step (forward, backward, optimizer) captured in
-                    one CUDA graph and replayed; inputs are copied into static tensors first;
-                    ``auto`` uses its rows for graphed ops (``backends.for_cuda_graph``)
+                    one CUDA graph and replayed; inputs are copied into static tensors first
 
 bf16 means autocast to bfloat16 with TF32 off; tf32 means float32 with TF32 on; fp32 means TF32
 off. Warm-up steps (and so compile time, reported separately) are excluded from the timing; two
@@ -15,7 +14,6 @@ random batches alternate.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import time
@@ -25,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from alexnet_fast.bench import Skipped, error_status, format_row, make_row, peak_memory_mb, precision, synchronize, time_fn
-from alexnet_fast.backends import for_cuda_graph
 from alexnet_fast.model import INPUT_SIZE, AlexNet
 from alexnet_fast.train import make_sgd
 
@@ -70,12 +67,10 @@ def prepare_step(provider: str, layout: str, batch: int, dtype: str, size: int, 
     forward = torch.compile(model) if provider in COMPILED else model
     amp = dtype == "bf16"
 
-    rows = for_cuda_graph if graphed else contextlib.nullcontext
-
     def step(x, y):
         # The autocast weight cache must be off while capturing (its casts would be freed outside
         # the graph's memory pool).
-        with rows(), torch.autocast(device, dtype=torch.bfloat16, enabled=amp, cache_enabled=not graphed):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp, cache_enabled=not graphed):
             loss = F.cross_entropy(forward(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

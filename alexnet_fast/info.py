@@ -41,17 +41,11 @@ def info() -> dict:
 
 
 def _auto(device_type: str) -> dict:
-    """What ``auto`` runs per op, and per AlexNet layer for the convolutions (per-shape rows),
-    with the choices that differ in a step replayed from a CUDA graph."""
+    """What ``auto`` runs per op, and per AlexNet layer for the convolutions (per-shape rows)."""
     row = {op: backends.resolve("auto", op, device_type) for op in OPS}
     for spec in ALEXNET_CONVS:
         key = autotable.conv_key(spec.c_in, spec.c_out, (spec.kernel,) * 2, (spec.stride,) * 2)
-        name = f"conv2d_relu {spec.name}"
-        row[name] = backends.resolve("auto", "conv2d_relu", device_type, key)
-        with backends.for_cuda_graph():
-            graphed = backends.resolve("auto", "conv2d_relu", device_type, key)
-        if graphed != row[name]:
-            row[name] += f" ({graphed} in a CUDA graph)"
+        row[f"conv2d_relu {spec.name}"] = backends.resolve("auto", "conv2d_relu", device_type, key)
     return row
 
 

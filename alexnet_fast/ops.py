@@ -15,7 +15,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from alexnet_fast import autograd, autotable, backends, reference
+from alexnet_fast import autograd, autotable, backends, reference, space_to_depth
 
 __all__ = ["conv2d_relu", "lrn", "max_pool2d", "lrn_max_pool2d"]
 
@@ -150,8 +150,21 @@ def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1,
     x, weight, bias = _autocast(x, weight, bias)
     if name == "cudnn":
         return torch.ops.alexnet_fast.conv2d_relu_cudnn(x, weight, bias, list(stride), list(padding))
+    if name == "cudnn_s2d":
+        return conv2d_relu_cudnn_s2d(x, weight, bias, stride, padding)
     impl = _namespace(name)
     return impl.conv2d_relu(x, weight, bias, list(stride), list(padding))
+
+
+def conv2d_relu_cudnn_s2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding) -> Tensor:
+    """auto's ``cudnn_s2d`` choice: ``conv2d_relu_cudnn`` at stride 1 on the space-to-depth blocks
+    of x (``alexnet_fast.space_to_depth``); the operands as that op takes them (no checks, no
+    autocast)."""
+    def stride1(blocks, blocked_weight, bias):
+        return torch.ops.alexnet_fast.conv2d_relu_cudnn(blocks, blocked_weight, bias, [1, 1], [0, 0])
+
+    out = space_to_depth.conv2d_relu(x, weight, bias, stride, padding, stride1)
+    return out.contiguous(memory_format=output_memory_format(x))
 
 
 def lrn(x: Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,

@@ -1,6 +1,6 @@
 """Every native CUDA op of alexnet_fast, forward and backward, for compute-sanitizer.
 
-Runs the ten schemas of torch.ops.alexnet_fast on small odd shapes, in float32 and bfloat16, NCHW
+Runs every schema of torch.ops.alexnet_fast on small odd shapes, in float32 and bfloat16, NCHW
 and channels_last, with shapes and parameters chosen to reach every kernel variant (vectorised
 and scalar, specialised and generic, one and several channel groups or tiles). Each call is
 synchronised so that a sanitizer report points at it, and its result is compared loosely with the
@@ -38,8 +38,11 @@ POOL_CASES = [((2, 16, 9, 11), (3, 3), (2, 2), (0, 0), False), ((1, 13, 8, 7), (
 # rows, the cell and lane backwards; C = 13 (channels_last) and size 4 run the generic kernels.
 FUSED_CASES = [((2, 16, 11, 9), 5, (3, 3), (2, 2)), ((1, 70, 7, 7), 5, (3, 3), (2, 2)),
                ((1, 13, 9, 10), 5, (3, 3), (2, 2)), ((2, 16, 7, 6), 4, (2, 3), (1, 2))]
-# (shape, c_out, kernel, stride, padding)
-CONV_CASES = [((2, 3, 11, 9), 5, (3, 3), (2, 1), (1, 0)), ((1, 16, 9, 9), 24, (3, 3), (1, 1), (1, 1))]
+# (shape, c_out, kernel, stride, padding). For the cudnn backward's ReLU mask and bias pass
+# (channels_last, C_out a multiple of the 16-byte vector): one and several blocks of rows, rows
+# not a multiple of a block's; C_out = 5 takes the fallback.
+CONV_CASES = [((2, 3, 11, 9), 5, (3, 3), (2, 1), (1, 0)), ((1, 16, 9, 9), 24, (3, 3), (1, 1), (1, 1)),
+              ((2, 8, 13, 11), 16, (3, 3), (1, 1), (1, 1))]
 
 failures = 0
 
@@ -161,6 +164,16 @@ def check_conv(ops, dtype, layout, shape, c_out, kernel, stride, padding):
         return max(rel_error(dw, gw, normwise=True), rel_error(db, gb, normwise=True)), CONV_TOLERANCE[dtype]
 
     run("conv2d_relu_backward_weight", what, weight_grads)
+
+    cudnn_out = ops.conv2d_relu_cudnn(x, w, b, list(stride), list(padding))
+    torch.cuda.synchronize()
+    run("conv2d_relu_cudnn", what, lambda: (rel_error(cudnn_out, ref, normwise=True), CONV_TOLERANCE[dtype]))
+
+    def cudnn_grads():
+        grads = ops.conv2d_relu_cudnn_backward(g, cudnn_out, x, w, list(stride), list(padding), [True, True, True])
+        return max(rel_error(got, want, normwise=True) for got, want in zip(grads, (gx, gw, gb))), CONV_TOLERANCE[dtype]
+
+    run("conv2d_relu_cudnn_backward", what, cudnn_grads)
 
 
 def main() -> int:

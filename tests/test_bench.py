@@ -224,7 +224,7 @@ def test_train_step_arguments():
 def test_bench_command_quick_on_cpu(tmp_path, capsys):
     common = ["bench", "--quick", "--device", "cpu", "--batch-size", "1", "--image-size", str(TINY),
               "--out", str(tmp_path)]
-    assert cli.main(common + ["--ops", "--providers", "eager,cudnn_fused,auto", "--mode", "fwd", "--no-plots"]) == 0
+    assert cli.main(common + ["--ops", "--providers", "eager,cudnn_fused,cudnn_s2d,auto", "--mode", "fwd", "--no-plots"]) == 0
     assert "Per op" in capsys.readouterr().out
     assert cli.main(common + ["--train-step", "--providers", "eager,auto+cudagraph"]) == 0
     assert "Training step" in capsys.readouterr().out
@@ -237,7 +237,7 @@ def test_bench_command_quick_on_cpu(tmp_path, capsys):
     assert all(r["frac_roofline"] > 0 and r["min_bytes"] > 0 for r in ok if r["kernel"] not in ("ceiling", "train_step"))
     assert all(r["vs_eager"] > 0 for r in ok if r["provider"] == "auto")
     skipped = {r["provider"]: r["note"] for r in rows if r["status"] == "skipped"}
-    assert "CUDA" in skipped["cudnn_fused"] and "CUDA" in skipped["auto+cudagraph"]
+    assert all("CUDA" in skipped[p] for p in ("cudnn_fused", "cudnn_s2d", "auto+cudagraph"))
     # plots come from the merged results of both runs
     assert {p.name.split("-")[-1] for p in tmp_path.glob("*.png")} == {"speedup.png", "roofline.png", "step.png"}
     assert path.with_suffix(".md").read_text().count("| op | input |") == 1

@@ -1,9 +1,10 @@
 """Every op of every kernel backend under torch.compile(fullgraph=True): the graph holds our ops
 (fake kernels, autograd formulas) and gives eager's values and gradients."""
+import pytest
 import torch
-from conftest import random_input
+from conftest import random_input, skip_unless_available
 
-from alexnet_fast import ops
+from alexnet_fast import autotable, backends, ops
 
 
 def _block(x, w, b, backend):
@@ -24,3 +25,23 @@ def test_ops_compile_fullgraph(backend, device):
     torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
     for got, want in zip(torch.autograd.grad(out.sum(), (x, w, b)), grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("choice", backends.CONV_ONLY)
+def test_cudnn_conv_compile_fullgraph_cuda(monkeypatch, choice):
+    """auto's cuDNN conv choices, a strided conv (the space-to-depth blocks are traced ops)."""
+    skip_unless_available(choice, "cuda")
+    monkeypatch.setattr(autotable, "preference", lambda *args, **kwargs: (choice,))
+    x = random_input((2, 3, 27, 27), torch.float32, "cuda", "channels_last").requires_grad_()
+    w = random_input((8, 3, 11, 11), torch.float32, "cuda").requires_grad_()
+    b = random_input((8,), torch.float32, "cuda").requires_grad_()
+
+    def conv(x, w, b):
+        return ops.conv2d_relu(x, w, b, 4, 0, backend="auto")
+
+    eager = conv(x, w, b)
+    grads = torch.autograd.grad(eager.sum(), (x, w, b))
+    out = torch.compile(conv, fullgraph=True, backend="aot_eager")(x, w, b)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(out.sum(), (x, w, b)), grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -79,11 +79,13 @@ def test_conv_relu_no_bias_and_frozen_input(backend, device):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("cudnn_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_conv_relu_cudnn_on_cuda(monkeypatch, cudnn_dtype, layout):
-    """auto's cudnn choice: cuDNN's fused forward and the ReLU-masked cuDNN gradients."""
-    skip_unless_available("cudnn", "cuda")
-    monkeypatch.setattr(autotable, "preference", lambda *args, **kwargs: ("cudnn",))
-    assert backends.resolve("auto", "conv2d_relu", "cuda") == "cudnn"
+@pytest.mark.parametrize("choice", backends.CONV_ONLY)
+def test_conv_relu_cudnn_on_cuda(monkeypatch, choice, cudnn_dtype, layout):
+    """auto's cuDNN choices: cuDNN's fused forward and the ReLU-masked cuDNN gradients, on the
+    input itself (cudnn) or on its space-to-depth blocks (cudnn_s2d)."""
+    skip_unless_available(choice, "cuda")
+    monkeypatch.setattr(autotable, "preference", lambda *args, **kwargs: (choice,))
+    assert backends.resolve("auto", "conv2d_relu", "cuda") == choice
     tf32_flag = torch.backends.cudnn.allow_tf32
     try:
         for allow_tf32 in [False, True] if cudnn_dtype == torch.float32 else [False]:

@@ -85,17 +85,15 @@ def test_backend_selection_api(monkeypatch):
         alexnet_fast.set_backend("auto")
 
 
-def test_auto_takes_the_graphed_rows_inside_for_cuda_graph(monkeypatch):
-    """The GPU table's conv rows: cuDNN's fused conv+ReLU, and Triton's conv1 only for ops that
-    will be replayed from a CUDA graph."""
+def test_auto_conv_rows_on_the_h200(monkeypatch):
+    """The GPU table's conv rows: conv1 through its space-to-depth blocks, the others through
+    cuDNN's fused conv+ReLU; a shape without a row of its own takes the op's row."""
     from alexnet_fast import autotable
 
     monkeypatch.setattr(autotable, "_gpu_name", lambda: "NVIDIA H200")
     monkeypatch.setattr(backends, "availability", lambda name, device_type: (True, ""))
     conv1, conv2 = autotable.conv_key(3, 96, (11, 11), (4, 4)), autotable.conv_key(96, 256, (5, 5), (1, 1))
-    assert backends.resolve("auto", "conv2d_relu", "cuda", conv1) == "cudnn"
-    with backends.for_cuda_graph():
-        assert backends.resolve("auto", "conv2d_relu", "cuda", conv1) == "triton"
-        assert backends.resolve("auto", "conv2d_relu", "cuda", conv2) == "cudnn"
-        assert backends.resolve("auto", "lrn", "cuda") == "native"
-    assert backends.resolve("auto", "conv2d_relu", "cuda", conv1) == "cudnn"
+    assert backends.resolve("auto", "conv2d_relu", "cuda", conv1) == "cudnn_s2d"
+    assert backends.resolve("auto", "conv2d_relu", "cuda", conv2) == "cudnn"
+    assert backends.resolve("auto", "conv2d_relu", "cuda", autotable.conv_key(3, 8, (5, 5), (2, 2))) == "cudnn"
+    assert backends.resolve("auto", "lrn", "cuda") == "native"

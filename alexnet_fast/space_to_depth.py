@@ -1,0 +1,60 @@
+"""A strided convolution as a stride-1 one over the space-to-depth blocks of its input.
+
+With stride (sh, sw), output pixel (y, x) reads input row ``y*sh + u`` for kernel row u. Writing
+``u = a*sh + i`` with ``0 <= i < sh`` splits the input into sh x sw blocks: input channel c of
+block pixel (i, j) becomes channel ``(i*sw + j)*C + c`` of a block image H/sh x W/sw, and the kernel,
+zero-padded to a multiple of the stride, becomes ``ceil(kh/sh) x ceil(kw/sw)`` over those
+``sh*sw*C`` channels. The result is the same sum over the same products (plus zero taps), with
+stride 1.
+
+Why: AlexNet's conv1 (3 channels, 11x11, stride 4) gives an implicit GEMM a K of 3 per kernel
+tap, which no tensor-core tile fills; cuDNN runs it at ~25 TFLOP/s on the H200. As a 3x3 stride-1
+convolution over 48 channels (19% more FLOPs, the zero taps) cuDNN runs it about 10x faster
+(BENCHMARKS.md). The blocks cost one copy of the input, in channels_last.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from alexnet_fast import reference
+
+
+def _blocks(n: int, s: int) -> int:
+    return -(-n // s)
+
+
+def block_input(x: Tensor, kernel_hw, stride, padding) -> Tensor:
+    """x (N, C, H, W) as (N, sh*sw*C, OH + kbh - 1, OW + kbw - 1) blocks in channels_last, channel
+    ``(i*sw + j)*C + c`` holding padded input pixel ``(h*sh + i, w*sw + j)``; rows and columns
+    past the last output's window are cut, zeros fill the padding."""
+    n, c, h, w = x.shape
+    (sh, sw), (ph, pw) = stride, padding
+    oh, ow = (reference.conv_output_size(*a) for a in zip((h, w), kernel_hw, stride, padding))
+    bh, bw = oh + _blocks(kernel_hw[0], sh) - 1, ow + _blocks(kernel_hw[1], sw) - 1
+    nhwc = x.permute(0, 2, 3, 1)
+    # one pad: the zero padding before, and after it zeros up to bh*sh rows (or a cut, negative)
+    pads = (0, 0, pw, bw * sw - w - pw, ph, bh * sh - h - ph)
+    if any(pads):
+        nhwc = F.pad(nhwc, pads)
+    blocks = nhwc.reshape(n, bh, sh, bw, sw, c).permute(0, 1, 3, 2, 4, 5).reshape(n, bh, bw, sh * sw * c)
+    return blocks.permute(0, 3, 1, 2)
+
+
+def block_weight(weight: Tensor, stride) -> Tensor:
+    """weight (C_out, C, kh, kw) as (C_out, sh*sw*C, ceil(kh/sh), ceil(kw/sw)), channels ordered as
+    ``block_input``'s."""
+    c_out, c, kh, kw = weight.shape
+    sh, sw = stride
+    kbh, kbw = _blocks(kh, sh), _blocks(kw, sw)
+    padded = F.pad(weight, (0, kbw * sw - kw, 0, kbh * sh - kh))
+    blocks = padded.reshape(c_out, c, kbh, sh, kbw, sw).permute(0, 3, 5, 1, 2, 4)
+    return blocks.reshape(c_out, sh * sw * c, kbh, kbw)
+
+
+def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, conv) -> Tensor:
+    """``relu(conv2d(x, weight, bias, stride, padding))`` through ``conv(x, weight, bias)``, a
+    stride-1, unpadded conv+bias+ReLU, on the blocks; differentiable where ``conv`` is. The
+    output is in the blocks' layout, channels_last."""
+    return conv(block_input(x, weight.shape[-2:], stride, padding), block_weight(weight, stride), bias)

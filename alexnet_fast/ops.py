@@ -163,8 +163,7 @@ def conv2d_relu_cudnn_s2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride
     def stride1(blocks, blocked_weight, bias):
         return torch.ops.alexnet_fast.conv2d_relu_cudnn(blocks, blocked_weight, bias, [1, 1], [0, 0])
 
-    out = space_to_depth.conv2d_relu(x, weight, bias, stride, padding, stride1)
-    return out.contiguous(memory_format=output_memory_format(x))
+    return space_to_depth.conv2d_relu(x, weight, bias, stride, padding, stride1, output_memory_format(x))
 
 
 def lrn(x: Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,

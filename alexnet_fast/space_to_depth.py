@@ -20,9 +20,45 @@ from torch import Tensor
 
 from alexnet_fast import reference
 
+# Integer types by width, to move runs of values as whole words.
+_WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+
 
 def _blocks(n: int, s: int) -> int:
     return -(-n // s)
+
+
+class _GradIn(torch.autograd.Function):
+    """The identity, whose gradient is made dense in a given memory format (the blocks' backward
+    would leave it in theirs)."""
+
+    @staticmethod
+    def forward(x, memory_format):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.memory_format = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=ctx.memory_format), None
+
+
+def _copy_blocks(nhwc: Tensor, bh: int, sh: int, bw: int, sw: int) -> Tensor:
+    """(N, bh*sh, bw*sw, C) -> (N, bh, bw, sh*sw*C), contiguous. A block row of sw*C values is
+    contiguous on both sides; PyTorch's strided copy costs per element, so where autograd need not
+    follow (a bit cast has no gradient) the rows move as the widest words that divide them."""
+    n, c = nhwc.shape[0], nhwc.shape[-1]
+    run = sw * c * nhwc.element_size()
+    offset = nhwc.storage_offset() * nhwc.element_size()
+    word = next((b for b in (8, 4, 2) if run % b == 0 and offset % b == 0), 1)
+    if nhwc.requires_grad or word <= nhwc.element_size() or not nhwc.is_contiguous():
+        return nhwc.reshape(n, bh, sh, bw, sw, c).permute(0, 1, 3, 2, 4, 5).reshape(n, bh, bw, sh * sw * c)
+    words = nhwc.reshape(n, bh * sh, bw * sw * c).view(_WORDS[word]).reshape(n, bh, sh, bw, run // word)
+    # clone, not reshape: fresh strides, which a cast view needs even on dimensions of size 1
+    blocks = words.permute(0, 1, 3, 2, 4).clone(memory_format=torch.contiguous_format)
+    return blocks.view(n, bh, bw, sh * run // word).view(nhwc.dtype)
 
 
 def block_input(x: Tensor, kernel_hw, stride, padding) -> Tensor:
@@ -38,8 +74,7 @@ def block_input(x: Tensor, kernel_hw, stride, padding) -> Tensor:
     pads = (0, 0, pw, bw * sw - w - pw, ph, bh * sh - h - ph)
     if any(pads):
         nhwc = F.pad(nhwc, pads)
-    blocks = nhwc.reshape(n, bh, sh, bw, sw, c).permute(0, 1, 3, 2, 4, 5).reshape(n, bh, bw, sh * sw * c)
-    return blocks.permute(0, 3, 1, 2)
+    return _copy_blocks(nhwc, bh, sh, bw, sw).permute(0, 3, 1, 2)
 
 
 def block_weight(weight: Tensor, stride) -> Tensor:
@@ -53,8 +88,12 @@ def block_weight(weight: Tensor, stride) -> Tensor:
     return blocks.reshape(c_out, sh * sw * c, kbh, kbw)
 
 
-def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, conv) -> Tensor:
+def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, conv,
+                memory_format: torch.memory_format) -> Tensor:
     """``relu(conv2d(x, weight, bias, stride, padding))`` through ``conv(x, weight, bias)``, a
-    stride-1, unpadded conv+bias+ReLU, on the blocks; differentiable where ``conv`` is. The
-    output is in the blocks' layout, channels_last."""
-    return conv(block_input(x, weight.shape[-2:], stride, padding), block_weight(weight, stride), bias)
+    stride-1, unpadded conv+bias+ReLU, on the blocks; differentiable where ``conv`` is. The output
+    and x's gradient are dense in ``memory_format``."""
+    if x.requires_grad:
+        x = _GradIn.apply(x, memory_format)
+    out = conv(block_input(x, weight.shape[-2:], stride, padding), block_weight(weight, stride), bias)
+    return out.contiguous(memory_format=memory_format)

@@ -27,21 +27,24 @@ def test_ops_compile_fullgraph(backend, device):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("x_grad", [True, False])
 @pytest.mark.parametrize("choice", backends.CONV_ONLY)
-def test_cudnn_conv_compile_fullgraph_cuda(monkeypatch, choice):
-    """auto's cuDNN conv choices, a strided conv (the space-to-depth blocks are traced ops)."""
+def test_cudnn_conv_compile_fullgraph_cuda(monkeypatch, choice, x_grad):
+    """auto's cuDNN conv choices on a strided bf16 conv: the space-to-depth blocks are traced ops
+    (moved as words when x needs no gradient)."""
     skip_unless_available(choice, "cuda")
     monkeypatch.setattr(autotable, "preference", lambda *args, **kwargs: (choice,))
-    x = random_input((2, 3, 27, 27), torch.float32, "cuda", "channels_last").requires_grad_()
-    w = random_input((8, 3, 11, 11), torch.float32, "cuda").requires_grad_()
-    b = random_input((8,), torch.float32, "cuda").requires_grad_()
+    x = random_input((2, 3, 27, 27), torch.bfloat16, "cuda", "channels_last").requires_grad_(x_grad)
+    w = random_input((8, 3, 11, 11), torch.bfloat16, "cuda").requires_grad_()
+    b = random_input((8,), torch.bfloat16, "cuda").requires_grad_()
+    inputs = (x, w, b) if x_grad else (w, b)
 
     def conv(x, w, b):
         return ops.conv2d_relu(x, w, b, 4, 0, backend="auto")
 
     eager = conv(x, w, b)
-    grads = torch.autograd.grad(eager.sum(), (x, w, b))
+    grads = torch.autograd.grad(eager.float().sum(), inputs)
     out = torch.compile(conv, fullgraph=True, backend="aot_eager")(x, w, b)
-    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
-    for got, want in zip(torch.autograd.grad(out.sum(), (x, w, b)), grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, eager, rtol=1e-2, atol=1e-2)  # cuDNN may pick other algorithms
+    for got, want in zip(torch.autograd.grad(out.float().sum(), inputs), grads):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)

@@ -45,13 +45,32 @@ def test_space_to_depth_equals_the_strided_conv(case, layout):
     x = random_input(xs, torch.float64, "cpu", layout).requires_grad_()
     w = random_input(ws, torch.float64, "cpu").requires_grad_()
     b = random_input((ws[0],), torch.float64, "cpu", scale=0.1).requires_grad_()
-    out = space_to_depth.conv2d_relu(x, w, b, stride, padding, _stride1)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    out = space_to_depth.conv2d_relu(x, w, b, stride, padding, _stride1, fmt)
     ref = reference.conv2d_relu(x, w, b, stride, padding)
-    assert out.shape == ref.shape
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=fmt)
     assert_close(out, ref, torch.float64, "gemm", what=f"forward {case}")
     g = random_input(ref.shape, torch.float64, "cpu")
-    for name, got, want in zip("xwb", torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+    grads = torch.autograd.grad(out, (x, w, b), g)
+    assert grads[0].is_contiguous(memory_format=fmt), f"grad x strides {grads[0].stride()}"
+    for name, got, want in zip("xwb", grads, torch.autograd.grad(ref, (x, w, b), g)):
         assert_close(got, want, torch.float64, "gemm", what=f"grad {name} {case}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", _cases()[:5], ids=str)
+def test_blocks_moved_as_words_equal_the_differentiable_copy(case, dtype):
+    """Without a gradient to follow, block rows move as 8/4/2-byte words (by their width and the
+    input's offset); the blocks must be the same bits as from the differentiable copy."""
+    xs, ws, stride, padding = case
+    for layout in ("channels_last", "contiguous"):
+        for sliced in (False, True):  # a batch slice: the storage offset decides the word
+            x = random_input((xs[0] + 1, *xs[1:]), dtype, "cpu", layout)
+            x = x[1:] if sliced else x[:-1]
+            fast = space_to_depth.block_input(x, ws[-2:], stride, padding)
+            slow = space_to_depth.block_input(x.detach().requires_grad_(), ws[-2:], stride, padding)
+            assert fast.dtype == dtype and fast.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(fast, slow.detach()), (layout, sliced)
 
 
 def test_block_layout():

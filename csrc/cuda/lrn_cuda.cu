@@ -38,10 +38,6 @@ constexpr int kBackwardUnroll = 4;
 // channels per shared-memory round.
 constexpr int kTilePixels = 4;
 constexpr int kTileChannels = 4;
-// Fused forward, channels_last: warp tasks loaded ahead per warp, and the shared memory for the
-// kh rows (the default per-block limit, so no opt-in is needed).
-constexpr int kRollBatch = 4;
-constexpr int64_t kRollSharedBytes = 48 * 1024;
 // Fused backward, NCHW: the pool of the cell kernel, and channels loaded ahead.
 constexpr int kCellK = 3, kCellS = 2;
 constexpr int kCellUnroll = 2;
@@ -422,86 +418,57 @@ __global__ void __launch_bounds__(kThreads, 2)  // 128 registers: no spills (ptx
   walk_channels<U>(c_begin - Window::kBefore, j_end, max(0, c_begin + Window::kAfter), min(C, j_end), step);
 }
 
-// channels_last: block (n, strip, column tile) produces output rows [oh_begin, oh_end) of the
-// tow output columns from ow0, all channels. Shared memory holds the LRN (as T) of the kh input
-// rows of the current output row, tiw pixels x C channels each, input row r in slot r % kh; each
-// output row computes only the input rows the previous one did not have. The LRN of a row segment
-// (tiw * C contiguous elements) is the channels_last lane scheme above, one warp task per 30
-// chunks, kRollBatch tasks loaded ahead.
-struct FusedRoll {
-  int tow, tiles_w, strip_rows, strips;
-};
-
-template <typename T, int SIZE, int VEC, int B, int KH, int KW>
+// channels_last: thread = (output pixel, chunk of VEC channels). At each window position it loads
+// the chunk (16 bytes) and the kBefore / kAfter channels on either side, and computes the chunk's
+// LRN there; the running maximum of the window is all it keeps. Neighbouring threads read the
+// neighbouring chunks of the same pixels, so the input comes from HBM once and the halo and the
+// overlap of the windows (2.25 reads per pixel for 3x3/2) from L1/L2. The LRN of a pixel is
+// computed once per covering window instead of once: its two special-function operations per
+// element cost less than the shared-memory rounds of keeping it.
+template <typename T, int SIZE, int VEC, int KH, int KW>
 __global__ void __launch_bounds__(kThreads)
     lrn_max_pool2d_forward_nhwc_kernel(const T* __restrict__ x, T* __restrict__ out, uint8_t* __restrict__ indices,
-                                       int C, PoolShape s, FusedRoll fr, LrnParams<float> prm) {
+                                       int64_t total, int C, PoolShape s, LrnParams<float> prm) {
   constexpr int kBefore = SIZE / 2, kAfter = (SIZE - 1) / 2;
-  extern __shared__ __align__(16) unsigned char roll_smem[];
-  T* rows = reinterpret_cast<T*>(roll_smem);
-  const int tile = blockIdx.x;
-  const int tc = tile % fr.tiles_w, st = (tile / fr.tiles_w) % fr.strips, n = tile / fr.tiles_w / fr.strips;
-  const int ow0 = tc * fr.tow, tow = min(fr.tow, s.OW - ow0), tiw = (tow - 1) * s.sw + s.kw;
-  const int oh_begin = st * fr.strip_rows, oh_end = min(s.OH, oh_begin + fr.strip_rows);
-  const int G = C / VEC, seg_chunks = tiw * G;
-  const int seg_warps = (seg_chunks + kProducingLanes - 1) / kProducingLanes;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int kh = KH > 0 ? KH : s.kh;
-  const T* xn = x + (static_cast<int64_t>(n) * s.H * s.W + static_cast<int64_t>(ow0) * s.sw) * C;
-
-  for (int oh = oh_begin; oh < oh_end; ++oh) {
-    const int r_hi = oh * s.sh + kh;
-    const int r_lo = oh == oh_begin ? oh * s.sh : max(oh * s.sh, r_hi - s.sh);
-    const int tasks = (r_hi - r_lo) * seg_warps;
-    for (int t0 = warp; t0 < tasks; t0 += kWarps * B) {
-      float xv[B][VEC];
-      int c0[B], dst[B];
-      bool produces[B];
+  const int G = C / VEC;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t p = t / G;  // the output pixel, (n, oh, ow) row-major
+    const int c0 = static_cast<int>(t - p * G) * VEC;
+    const int ow = static_cast<int>(p % s.OW), oh = static_cast<int>(p / s.OW % s.OH);
+    const int64_t n = p / s.OW / s.OH;
+    const T* corner = x + ((n * s.H + oh * s.sh) * s.W + ow * s.sw) * C + c0;
+    float best[VEC];
+    int arg[VEC];
+    scan_inner_window<KH, KW>(
+        [&](int a, int b, float (&y)[VEC]) {
+          const T* px = corner + (static_cast<int64_t>(a) * s.W + b) * C;
+          float v[VEC], sq[kBefore + VEC + kAfter];
+          load_as<VEC>(px, v);
+          // the channels past either end are LRN's zero padding
 #pragma unroll
-      for (int b = 0; b < B; ++b) {
-        const int t = t0 + b * kWarps;
-        fill_zero(xv[b]);
-        c0[b] = dst[b] = 0;
-        produces[b] = false;
-        const int row = r_lo + t / seg_warps, q = (t % seg_warps) * kProducingLanes + lane - 1;
-        if (t < tasks && q >= 0 && q < seg_chunks) {
-          const int px = q / G;
-          c0[b] = (q - px * G) * VEC;
-          load_as<VEC>(xn + (static_cast<int64_t>(row) * s.W + px) * C + c0[b], xv[b]);
-          produces[b] = lane >= 1 && lane <= kProducingLanes;
-          dst[b] = ((row % kh) * tiw + px) * C + c0[b];
-        }
-      }
+          for (int i = 0; i < kBefore; ++i) {
+            const float h = c0 - kBefore + i >= 0 ? static_cast<float>(px[i - kBefore]) : 0.f;
+            sq[i] = h * h;
+          }
 #pragma unroll
-      for (int b = 0; b < B; ++b) {
-        if (t0 + b * kWarps >= tasks) break;  // uniform over the warp
-        float sq[VEC], sums[VEC];
+          for (int i = 0; i < VEC; ++i) sq[kBefore + i] = v[i] * v[i];
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) sq[v] = xv[b][v] * xv[b][v];
-        lane_window_sums<kBefore, kAfter>(sq, c0[b] > 0, c0[b] + VEC < C, sums);
-        if (produces[b]) {
-          float y[VEC];
+          for (int i = 0; i < kAfter; ++i) {
+            const float h = c0 + VEC + i < C ? static_cast<float>(px[VEC + i]) : 0.f;
+            sq[kBefore + VEC + i] = h * h;
+          }
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) y[v] = xv[b][v] * lrn_factor(sums[v], prm);
-          store_as<VEC>(rows + dst[b], y);
-        }
-      }
-    }
-    __syncthreads();
-    const int64_t out_row = (static_cast<int64_t>(n) * s.OH + oh) * s.OW + ow0;
-    for (int t = threadIdx.x; t < tow * G; t += kThreads) {
-      const int pc = t / G, c0 = (t - pc * G) * VEC;
-      float best[VEC];
-      int arg[VEC];
-      scan_inner_window<KH, KW>(
-          [&](int a, int b, float (&v)[VEC]) {
-            load_as<VEC>(rows + (((oh * s.sh + a) % kh) * tiw + pc * s.sw + b) * C + c0, v);
-          },
-          s.kh, s.kw, best, arg);
-      store_as<VEC>(out + (out_row + pc) * C + c0, best);
-      store_as<VEC>(indices + (out_row + pc) * C + c0, arg);
-    }
-    __syncthreads();
+          for (int i = 0; i < VEC; ++i) {
+            float sum = sq[i];
+#pragma unroll
+            for (int k = 1; k <= kBefore + kAfter; ++k) sum += sq[i + k];
+            y[i] = v[i] * lrn_factor(sum, prm);
+          }
+        },
+        s.kh, s.kw, best, arg);
+    store_as<VEC>(out + p * C + c0, best);
+    store_as<VEC>(indices + p * C + c0, arg);
   }
 }
 
@@ -761,9 +728,6 @@ FusedTile choose_tile(const PoolShape& s) {
   return ft;
 }
 
-// Blocks of kThreads that keep about kTargetThreadsPerSm threads busy per SM.
-int64_t target_blocks() { return kTargetThreadsPerSm * sm_count() / kThreads; }
-
 template <typename T>
 bool lrn_max_pool2d_forward_fast(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, const PoolShape& s,
                                  const LrnParams<float>& prm, cudaStream_t stream) {
@@ -775,20 +739,10 @@ bool lrn_max_pool2d_forward_fast(const at::Tensor& x, at::Tensor& out, at::Tenso
   if (is_channels_last(output_memory_format(x))) {
     constexpr int kVec = 16 / sizeof(T);
     if (!channels_last_vectors<T>(C, {&x, &out, &indices})) return false;
-    const int64_t row_bytes = s.kh * C * static_cast<int64_t>(sizeof(T));  // one input pixel column
-    const int64_t max_tiw = kRollSharedBytes / row_bytes;
-    if (max_tiw < s.kw) return false;
-    FusedRoll fr;
-    fr.tiles_w = static_cast<int>(ceil_div(s.OW, std::min<int64_t>(s.OW, (max_tiw - s.kw) / s.sw + 1)));
-    fr.tow = static_cast<int>(ceil_div(s.OW, fr.tiles_w));
-    const int64_t strips = std::clamp<int64_t>(ceil_div(target_blocks(), N * fr.tiles_w), 1, s.OH);
-    fr.strip_rows = static_cast<int>(ceil_div(s.OH, strips));
-    fr.strips = static_cast<int>(ceil_div(s.OH, fr.strip_rows));
-    const int64_t smem = ((fr.tow - 1) * s.sw + s.kw) * row_bytes;
-    const auto kernel = k3 ? lrn_max_pool2d_forward_nhwc_kernel<T, kFastLrnSize, kVec, kRollBatch, 3, 3>
-                           : lrn_max_pool2d_forward_nhwc_kernel<T, kFastLrnSize, kVec, kRollBatch, 0, 0>;
-    kernel<<<grid_blocks(N * fr.tiles_w * fr.strips, 1), kThreads, smem, stream>>>(xp, op, ip, static_cast<int>(C),
-                                                                                   s, fr, prm);
+    const int64_t total = out.numel() / kVec;
+    const auto kernel = k3 ? lrn_max_pool2d_forward_nhwc_kernel<T, kFastLrnSize, kVec, 3, 3>
+                           : lrn_max_pool2d_forward_nhwc_kernel<T, kFastLrnSize, kVec, 0, 0>;
+    kernel<<<strided_grid(total), kThreads, 0, stream>>>(xp, op, ip, total, static_cast<int>(C), s, prm);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
   }

@@ -580,6 +580,7 @@ class BenchConfig:
     batch: int | None = None
     image_size: int | None = None
     providers: tuple | None = None
+    kernels: tuple | None = None  # per-op cases by kernel name (conv1, lrn, ...)
 
 
 def _choices(allowed, what):
@@ -615,6 +616,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--batch-size", type=positive_int, help="batch size (default 128 for ops, 128 and 256 for the step)")
     p.add_argument("--image-size", type=positive_int, help="input height/width (default 224)")
     p.add_argument("--providers", type=_choices(PROVIDERS, "--providers"), help=f"comma-separated, from {', '.join(PROVIDERS)}")
+    p.add_argument("--kernels", type=lambda text: tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip())),
+                   help="per-op cases to run, comma-separated (conv1..conv5, lrn, max_pool2d, lrn_max_pool2d; "
+                        "default all)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT})")
     p.add_argument("--markdown", nargs="?", const="", metavar="CSV",
@@ -635,7 +639,7 @@ def command_line(args) -> str:
         if value:
             parts.append(flag)
     for flag, value in (("--dtype", args.dtype), ("--layout", args.layout), ("--mode", args.mode),
-                        ("--providers", args.providers)):
+                        ("--providers", args.providers), ("--kernels", args.kernels)):
         if value:
             parts += [flag, ",".join(value)]
     for flag, value in (("--batch-size", args.batch_size), ("--image-size", args.image_size), ("--device", args.device)):
@@ -703,7 +707,8 @@ def run_command(args) -> int:
     from alexnet_fast import bench_ops, bench_step
 
     cfg = BenchConfig(device=device, quick=args.quick, dtypes=args.dtype, layouts=args.layout, modes=args.mode,
-                      batch=args.batch_size, image_size=args.image_size, providers=args.providers)
+                      batch=args.batch_size, image_size=args.image_size, providers=args.providers,
+                      kernels=args.kernels)
     run_ops = args.ops or not args.train_step
     run_step = args.train_step or not args.ops
     try:

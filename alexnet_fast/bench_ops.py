@@ -280,6 +280,10 @@ def check_config(cfg) -> None:
     size = cfg.image_size or INPUT_SIZE
     if not all(_valid(c) for c in op_cases(1, size)):
         raise ValueError(f"--image-size {size} is too small for AlexNet's layers; use at least {min_image_size()}")
+    names = [c.kernel for c in op_cases(1, size)]
+    unknown = [k for k in cfg.kernels or () if k not in names]
+    if unknown or cfg.kernels == ():
+        raise ValueError(f"--kernels must be a comma-separated list of {', '.join(names)}; got {','.join(cfg.kernels)!r}")
 
 
 def measure_ceilings(device: str, env: dict, quick: bool) -> tuple[dict, list]:
@@ -328,6 +332,8 @@ def run(cfg, env: dict, save=None) -> list[dict]:
     ceilings, rows = measure_ceilings(device, env, cfg.quick)
     reported = set()
     for case in op_cases(sel["batch"], sel["size"]):
+        if cfg.kernels and case.kernel not in cfg.kernels:
+            continue
         for dtype in case.dtypes(sel["dtypes"]):
             work = case.work(dtype)
             ceil_tflops = ceilings["mm_tflops"][roofline.compute_ceiling_dtype(case.op, dtype)]

@@ -48,12 +48,15 @@ class _GradIn(torch.autograd.Function):
 def _copy_blocks(nhwc: Tensor, bh: int, sh: int, bw: int, sw: int) -> Tensor:
     """(N, bh*sh, bw*sw, C) -> (N, bh, bw, sh*sw*C), contiguous. A block row of sw*C values is
     contiguous on both sides; PyTorch's strided copy costs per element, so where autograd need not
-    follow (a bit cast has no gradient) the rows move as the widest words that divide them."""
+    follow (a bit cast has no gradient) the rows move as the widest words that divide them. Under
+    torch.compile, Inductor writes the copy itself."""
     n, c = nhwc.shape[0], nhwc.shape[-1]
     run = sw * c * nhwc.element_size()
-    offset = nhwc.storage_offset() * nhwc.element_size()
-    word = next((b for b in (8, 4, 2) if run % b == 0 and offset % b == 0), 1)
-    if nhwc.requires_grad or word <= nhwc.element_size() or not nhwc.is_contiguous():
+    word = 1
+    if not (torch.compiler.is_compiling() or nhwc.requires_grad) and nhwc.is_contiguous():
+        offset = nhwc.storage_offset() * nhwc.element_size()
+        word = next((b for b in (8, 4, 2) if run % b == 0 and offset % b == 0), 1)
+    if word <= nhwc.element_size():
         return nhwc.reshape(n, bh, sh, bw, sw, c).permute(0, 1, 3, 2, 4, 5).reshape(n, bh, bw, sh * sw * c)
     words = nhwc.reshape(n, bh * sh, bw * sw * c).view(_WORDS[word]).reshape(n, bh, sh, bw, run // word)
     # clone, not reshape: fresh strides, which a cast view needs even on dimensions of size 1

@@ -261,6 +261,18 @@ def test_bench_command_rejects_bad_arguments(tmp_path, capsys):
     assert cli.main(["bench", "--device", "cpu", "--image-size", "16", "--out", str(tmp_path)]) == 2
     assert f"at least {TINY}" in capsys.readouterr().err
     assert cli.main(["bench", "--markdown", "--device", "cpu", "--out", str(tmp_path / "none")]) == 2
+    capsys.readouterr()
+    assert cli.main(["bench", "--ops", "--device", "cpu", "--kernels", "lrn,conv9", "--out", str(tmp_path)]) == 2
+    assert "--kernels must be a comma-separated list of conv1, " in capsys.readouterr().err
+
+
+def test_bench_kernels_selects_the_op_cases(tmp_path):
+    args = ["bench", "--quick", "--device", "cpu", "--batch-size", "1", "--image-size", str(TINY), "--no-plots",
+            "--ops", "--mode", "fwd", "--providers", "eager", "--kernels", "lrn,conv1", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    rows = bench.load_rows(next(tmp_path.glob("cpu-*.csv")))
+    assert {r["kernel"] for r in rows} == {"ceiling", "conv1", "lrn"}
+    assert all("--kernels lrn,conv1" in r["command"] for r in rows)
 
 
 def test_merge_results_of_several_runs(tmp_path, capsys):

@@ -31,7 +31,7 @@ def test_ops_compile_fullgraph(backend, device):
 @pytest.mark.parametrize("choice", backends.CONV_ONLY)
 def test_cudnn_conv_compile_fullgraph_cuda(monkeypatch, choice, x_grad):
     """auto's cuDNN conv choices on a strided bf16 conv: the space-to-depth blocks are traced ops
-    (moved as words when x needs no gradient)."""
+    (the eager path moves them as words when x needs no gradient; a compiled one may not)."""
     skip_unless_available(choice, "cuda")
     monkeypatch.setattr(autotable, "preference", lambda *args, **kwargs: (choice,))
     x = random_input((2, 3, 27, 27), torch.bfloat16, "cuda", "channels_last").requires_grad_(x_grad)

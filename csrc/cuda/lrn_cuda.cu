@@ -463,7 +463,8 @@ __global__ void __launch_bounds__(kThreads)
             float sum = sq[i];
 #pragma unroll
             for (int k = 1; k <= kBefore + kAfter; ++k) sum += sq[i + k];
-            y[i] = v[i] * lrn_factor(sum, prm);
+            // rounded to T, as the LRN output that the reference pools: ties are decided on it
+            y[i] = static_cast<float>(static_cast<T>(v[i] * lrn_factor(sum, prm)));
           }
         },
         s.kh, s.kw, best, arg);

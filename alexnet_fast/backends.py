@@ -147,6 +147,12 @@ def availability(backend: str, device_type: str) -> tuple[bool, str]:
 
 
 @torch.compiler.assume_constant_result
+def uses_reference(backend: str | None) -> bool:
+    """Whether ``backend`` (None: the current default) is ``torch``, PyTorch's own ops."""
+    return _check_name(backend if backend is not None else get_backend()) == "torch"
+
+
+@torch.compiler.assume_constant_result
 def resolve(backend: str | None, op: str, device_type: str, shape_key=None) -> str:
     """The concrete backend that runs ``op`` for a tensor on ``device_type``.
 

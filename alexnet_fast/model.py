@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from alexnet_fast import backends, ops, reference
+from alexnet_fast import backends, linear, ops, reference
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,12 @@ class MaxPool(_BackendModule):
         return ops.max_pool2d(x, **POOL_PARAMS, backend=self.backend)
 
 
-class ClassifierHead(nn.Module):
-    def __init__(self, num_classes: int):
-        super().__init__()
+class ClassifierHead(_BackendModule):
+    """Dropout, Linear, ReLU x 2, Linear. Backends other than ``torch`` run the Linears through
+    ``alexnet_fast.linear`` (float32 weight gradients straight from the products under autocast)."""
+
+    def __init__(self, num_classes: int, backend: str | None = None):
+        super().__init__(backend)
         c_last = ALEXNET_CONVS[-1].c_out
         self.classifier = nn.Sequential(
             nn.Dropout(0.5),
@@ -115,7 +118,12 @@ class ClassifierHead(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x):
-        return self.classifier(torch.flatten(x, 1))
+        x = torch.flatten(x, 1)
+        if backends.uses_reference(self.backend):
+            return self.classifier(x)
+        for m in self.classifier:
+            x = linear.linear(x, m.weight, m.bias) if isinstance(m, nn.Linear) else m(x)
+        return x
 
 
 class AlexNet(nn.Module):

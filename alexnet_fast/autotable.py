@@ -31,9 +31,9 @@ def conv_key(c_in: int, c_out: int, kernel_hw, stride) -> tuple:
 #   ("cudnn") beats PyTorch's conv, bias add and ReLU ("torch"), e.g. conv2 forward 0.158 vs
 #   0.242 ms;
 # - conv1 (3 channels, 11x11, stride 4) as a 3x3 stride-1 convolution over its input's 4x4
-#   space-to-depth blocks ("cudnn_s2d"): cuDNN's forward 0.107 ms (+0.069 ms for the blocks)
-#   against 1.099 ms, forward + weight gradient 0.637 against 1.705 ms, where Triton's flat-K
-#   kernels take 1.38 ms.
+#   space-to-depth blocks ("cudnn_s2d"): forward 0.128 ms against cuDNN's 1.061 ms on conv1
+#   itself, forward + weight gradient 0.315 against 1.581 ms, where Triton's flat-K kernels take
+#   1.38 ms; with TF32 0.736 against 1.352 ms, in fp32 2.495 against 2.565 ms.
 _CONV1 = conv_key(3, 96, (11, 11), (4, 4))
 _H200 = {
     "conv2d_relu": ("cudnn", "torch"),

@@ -79,6 +79,23 @@ def test_linear_init_and_shapes():
     assert rows[3] == ("lrn_max_pool2d", (128, 256, 26, 26))
 
 
+def test_classifier_linears_follow_the_backend(monkeypatch):
+    """The torch backend (the reference peers run) keeps nn.Linear; the others run the three
+    Linears through alexnet_fast.linear, with the same parameters."""
+    from alexnet_fast import linear
+
+    calls = []
+    monkeypatch.setattr(linear, "linear", lambda x, w, b: calls.append(w.shape) or torch.nn.functional.linear(x, w, b))
+    head = AlexNet(num_classes=5).classifier.eval()
+    x = torch.randn(2, 256, 6, 6)
+    head.backend = "torch"
+    ref = head(x)
+    assert calls == []
+    head.backend = "auto"
+    assert torch.equal(head(x), ref)
+    assert calls == [(4096, 9216), (4096, 4096), (5, 4096)]
+
+
 def test_bad_model_arguments():
     with pytest.raises(ValueError, match="num_classes"):
         AlexNet(num_classes=0)

@@ -29,7 +29,7 @@ def conv_key(c_in: int, c_out: int, kernel_hw, stride) -> tuple:
 #   (e.g. LRN fwd+bwd 0.112 vs 0.144 ms, max-pool fwd+bwd 0.084 vs 0.231 ms at 96x54x54);
 # - convolutions: cuDNN beats both of ours on conv2-conv5, and its fused conv+bias+ReLU
 #   ("cudnn") beats PyTorch's conv, bias add and ReLU ("torch"), e.g. conv2 forward 0.158 vs
-#   0.242 ms;
+#   0.243 ms;
 # - conv1 (3 channels, 11x11, stride 4) as a 3x3 stride-1 convolution over its input's 4x4
 #   space-to-depth blocks ("cudnn_s2d"): forward 0.128 ms against cuDNN's 1.061 ms on conv1
 #   itself, forward + weight gradient 0.315 against 1.581 ms, where Triton's flat-K kernels take

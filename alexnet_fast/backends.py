@@ -40,8 +40,14 @@ def _check_name(name: str, arg: str = "backend") -> str:
     return name
 
 
-_env_default = os.environ.get(ENV_VAR, "auto")
-_default = contextvars.ContextVar("alexnet_fast_backend", default=_check_name(_env_default, ENV_VAR))
+# None: not set in this context, so the environment variable's (read when first needed, so that a
+# bad value fails the first op that needs it, with its message, not every import of the package).
+_default = contextvars.ContextVar("alexnet_fast_backend", default=None)
+
+
+@functools.lru_cache(maxsize=None)
+def _env_backend() -> str:
+    return _check_name(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
 
 
 def set_backend(name: str) -> None:
@@ -50,7 +56,7 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    return _default.get()
+    return _default.get() or _env_backend()
 
 
 @contextlib.contextmanager

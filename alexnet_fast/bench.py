@@ -291,9 +291,28 @@ def _format(value) -> str:
     return str(value)
 
 
+class ResultsError(ValueError):
+    """A results CSV that cannot be read: missing, not a file, or not written by this benchmark."""
+
+
 def load_rows(path) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{k: _parse(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+    """The rows of a results CSV, numbers parsed; raises ResultsError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsError(f"no results CSV at {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [k for k in (*KEY, "status", "ms") if k not in (reader.fieldnames or ())]
+            if missing:
+                raise ResultsError(f"{path} is not a results CSV of alexnet-fast bench: it has no {missing} columns")
+            return [{k: _parse(k, v) for k, v in row.items()} for row in reader]
+    except UnicodeDecodeError:
+        raise ResultsError(f"{path} is not a results CSV of alexnet-fast bench: not UTF-8 text") from None
+    except (ValueError, csv.Error) as e:
+        if isinstance(e, ResultsError):
+            raise
+        raise ResultsError(f"{path} is a damaged results CSV (line {reader.line_num}): {e}") from None
 
 
 def upsert_csv(path, rows) -> list[dict]:
@@ -664,20 +683,37 @@ def merge_command(args) -> int:
     """``--merge A.csv B.csv ...``: upsert result CSVs (e.g. of runs on several GPUs of one machine)
     into OUT/<name of the first>.csv, then write its markdown and plots."""
     paths = [Path(p) for p in args.merge]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        print(f"error: --merge: no results CSV at {', '.join(missing)}", file=sys.stderr)
-        return 2
     csv_path = Path(args.out) / paths[0].name
+    try:  # every input is read (and so checked) before anything is written
+        inputs = [load_rows(p) for p in paths if p.resolve() != csv_path.resolve()]
+        if csv_path.exists():
+            load_rows(csv_path)
+    except ResultsError as e:
+        print(f"error: --merge: {e}", file=sys.stderr)
+        return 2
+    if not _writable_folder(args.out):
+        return 2
     merged = []
-    for path in paths:
-        if path.resolve() != csv_path.resolve():
-            merged = upsert_csv(csv_path, load_rows(path))
+    for rows in inputs:
+        merged = upsert_csv(csv_path, rows)
     if not merged:
         merged = load_rows(csv_path)
     written = write_reports(merged, csv_path, csv_path.stem, plots=not args.no_plots)
     print(f"merged {len(paths)} CSVs into {csv_path} ({len(merged)} rows); wrote {', '.join(str(p) for p in written)}")
     return 0
+
+
+def _writable_folder(out) -> bool:
+    """Create ``out`` if needed; False (with the error printed) when it cannot hold results."""
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: --out {out} cannot be created: {e.strerror or e}", file=sys.stderr)
+        return False
+    if not os.access(out, os.W_OK | os.X_OK):
+        print(f"error: --out {out} is not writable", file=sys.stderr)
+        return False
+    return True
 
 
 def run_command(args) -> int:
@@ -701,7 +737,12 @@ def run_command(args) -> int:
         if not path.exists():
             print(f"error: no results at {path}; run `alexnet-fast bench` first", file=sys.stderr)
             return 2
-        print(markdown(load_rows(path), args.dtype, args.layout, args.mode))
+        try:
+            rows = load_rows(path)
+        except ResultsError as e:
+            print(f"error: --markdown: {e}", file=sys.stderr)
+            return 2
+        print(markdown(rows, args.dtype, args.layout, args.mode))
         return 0
 
     from alexnet_fast import bench_ops, bench_step
@@ -719,6 +760,14 @@ def run_command(args) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not _writable_folder(args.out):
+        return 2
+    if csv_path.exists():  # results are merged into it after every row: it must be readable first
+        try:
+            load_rows(csv_path)
+        except ResultsError as e:
+            print(f"error: --out: {e}; move it away or choose another --out", file=sys.stderr)
+            return 2
     print(f"alexnet-fast bench on {env['gpu']} (torch {env['torch']}, triton {env['triton'] or '-'}, "
           f"cuDNN {env['cudnn'] or '-'}, driver {env['driver'] or '-'}, commit {env['git_commit']})", flush=True)
     start = time.perf_counter()

@@ -69,6 +69,8 @@ def link_atomic(src: str, dst: str) -> None:
 
 
 def _read(path: str):
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder; give a checkpoint file, e.g. {os.path.join(path, 'last.pt')}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -115,7 +117,22 @@ def _validate_training(path: str, obj: dict) -> dict:
         raise CheckpointError(f"{path}: its 'model' entry is not a state_dict of tensors")
     if not isinstance(obj["epoch"], int) or obj["epoch"] < 1:
         raise CheckpointError(f"{path}: its epoch {obj['epoch']!r} is not a positive int")
+    shapes = {
+        "optimizer": _is_dict_with(obj["optimizer"], "state", "param_groups"),
+        "scheduler": isinstance(obj["scheduler"], dict),
+        "config": isinstance(obj["config"], dict) and all(isinstance(k, str) for k in obj["config"]),
+        "history": isinstance(obj["history"], list) and all(isinstance(r, dict) for r in obj["history"]),
+        "rng": isinstance(obj["rng"], list) and len(obj["rng"]) > 0
+        and all(_is_dict_with(r, "cpu") and isinstance(r["cpu"], torch.Tensor) for r in obj["rng"]),
+    }
+    damaged = [key for key, ok in shapes.items() if not ok]
+    if damaged:
+        raise CheckpointError(f"{path} is a damaged training checkpoint: its {damaged} entries are not what training saves")
     return obj
+
+
+def _is_dict_with(obj, *keys: str) -> bool:
+    return isinstance(obj, dict) and all(k in obj for k in keys)
 
 
 def load_training_checkpoint(path: str) -> dict:

@@ -40,7 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from alexnet_fast import backends
+
     args = build_parser().parse_args(argv)
+    try:
+        backends.get_backend()  # a bad ALEXNET_FAST_BACKEND is reported here, not mid-command
+    except ValueError as e:
+        print(f"alexnet-fast: error: {e}", file=sys.stderr)
+        return 2
     return args.func(args)
 
 

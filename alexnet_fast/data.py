@@ -49,11 +49,26 @@ SYNTHETIC_CLASSES = (
 SYNTHETIC_SIZES = {"train": 5000, "test": 8000}
 
 
+class DeviceError(ValueError):
+    """A device that is not cpu, cuda or cuda:N, or a GPU this machine does not have."""
+
+
 def default_device(device=None) -> torch.device:
-    """``device``, or the GPU when there is one and the CPU otherwise."""
+    """``device`` (checked), or the GPU when there is one and the CPU otherwise."""
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device!r} was requested but CUDA is not available")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return parsed
 
 
 class DatasetNotFoundError(FileNotFoundError):

@@ -6,6 +6,8 @@ as it is; the backend changes which kernels run, never the parameters.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +56,22 @@ def layer_shapes(batch: int = 128, size: int = INPUT_SIZE):
             rows.append(("lrn_max_pool2d" if spec.lrn_pool else "max_pool2d", (batch, spec.c_out, size, size)))
             size = reference.pool_output_size(size, 3, 2, 0, False)
     return rows
+
+
+def fits_input_size(size: int) -> bool:
+    """Whether an image of ``size`` x ``size`` gives every layer of the features stack at least
+    its window (the padded input of each convolution, the input of each 3x3 pool)."""
+    for layer, (_, _, h, _) in layer_shapes(1, size):
+        window, padding = (layer.kernel, layer.padding) if isinstance(layer, ConvSpec) else (POOL_PARAMS["kernel_size"], 0)
+        if h + 2 * padding < window:
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def min_input_size() -> int:
+    """AlexNet's smallest input side (67 for the seed's layers)."""
+    return next(s for s in itertools.count(1) if fits_input_size(s))
 
 
 class _BackendModule(nn.Module):

@@ -15,7 +15,7 @@ Semantics the kernels must reproduce exactly:
 * ``lrn_max_pool2d`` is ``max_pool2d(lrn(x))`` with padding 0 and ceil_mode False.
 
 The ``indices`` our kernels return (see :func:`max_pool2d_indices`) are the window-local offset
-``kh * kernel_w + kw`` of the winning element as uint8, a quarter of the bytes of PyTorch's int64
+``kh * kernel_w + kw`` of the winning element as uint8, an eighth of the bytes of PyTorch's int64
 flat indices; this module derives them from PyTorch's own indices so tests can compare them.
 """
 from __future__ import annotations

@@ -9,8 +9,8 @@ stride 1.
 
 Why: AlexNet's conv1 (3 channels, 11x11, stride 4) gives an implicit GEMM a K of 3 per kernel
 tap, which no tensor-core tile fills; cuDNN runs it at ~25 TFLOP/s on the H200. As a 3x3 stride-1
-convolution over 48 channels (19% more FLOPs, the zero taps) cuDNN runs it about 10x faster
-(BENCHMARKS.md). The blocks cost one copy of the input, in channels_last.
+convolution over 48 channels (19% more FLOPs, the zero taps) cuDNN runs it about 8x faster
+forward (BENCHMARKS.md). The blocks cost one copy of the input, in channels_last.
 """
 from __future__ import annotations
 

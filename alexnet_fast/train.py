@@ -333,23 +333,31 @@ def _progress_iter(iterable, desc: str, enabled: bool):
 # ---------------------------------------------------------------------------------------------
 def _process_info() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
-    return (
-        int(os.environ.get("RANK", 0)),
-        int(os.environ.get("WORLD_SIZE", 1)),
-        int(os.environ.get("LOCAL_RANK", 0)),
-    )
+    values = []
+    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+        text = os.environ.get(name, str(default))
+        try:
+            values.append(int(text))
+        except ValueError:
+            raise ConfigError(f"the environment variable {name} must be an integer (torchrun sets it), got {text!r}") from None
+    rank, world, local_rank = values
+    if world < 1 or not 0 <= rank < world or local_rank < 0:
+        raise ConfigError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local_rank} do not describe a process group")
+    return rank, world, local_rank
 
 
 def _training_device(config: TrainConfig, local_rank: int, world: int) -> torch.device:
-    if config.device is None:
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        device = torch.device(config.device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+    from alexnet_fast.data import DeviceError, default_device
+
+    try:
+        device = default_device(config.device)
+    except DeviceError as e:
+        raise ConfigError(str(e)) from None
+    if config.device is None and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+    elif device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {config.device!r} was requested but CUDA is not available")
         torch.cuda.set_device(device)
     return device
 
@@ -382,6 +390,7 @@ def _gather_rng_states(device: torch.device) -> list:
 def _validate_config(config: TrainConfig) -> None:
     from alexnet_fast import backends
     from alexnet_fast.data import DATASETS
+    from alexnet_fast.model import fits_input_size, min_input_size
 
     checks = [
         (config.data in DATASETS, f"data must be one of {DATASETS}, got {config.data!r}"),
@@ -392,19 +401,25 @@ def _validate_config(config: TrainConfig) -> None:
         (config.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got {config.amp!r}"),
         (config.epochs >= 1, f"epochs must be positive, got {config.epochs}"),
         (config.batch_size >= 1, f"batch_size must be positive, got {config.batch_size}"),
-        (config.lr > 0, f"lr must be positive, got {config.lr}"),
-        (config.momentum >= 0, f"momentum must be non-negative, got {config.momentum}"),
-        (config.weight_decay >= 0, f"weight_decay must be non-negative, got {config.weight_decay}"),
+        (math.isfinite(config.lr) and config.lr > 0, f"lr must be a positive number, got {config.lr}"),
+        (
+            math.isfinite(config.momentum) and config.momentum >= 0,
+            f"momentum must be a non-negative number, got {config.momentum}",
+        ),
+        (
+            math.isfinite(config.weight_decay) and config.weight_decay >= 0,
+            f"weight_decay must be a non-negative number, got {config.weight_decay}",
+        ),
         (
             config.limit is None or config.limit >= 1,
             f"limit must be a positive number of images, got {config.limit}",
         ),
         (config.keep_checkpoints >= 0, f"keep_checkpoints must be >= 0, got {config.keep_checkpoints}"),
-        # conv1 (11/4), two 3/2 pools and the last pool need 67 pixels at least
         (
-            config.input_size >= 67,
-            f"input_size must be at least 67 (AlexNet's smallest input), got {config.input_size}",
+            fits_input_size(config.input_size),
+            f"input_size must be at least {min_input_size()} (AlexNet's smallest input), got {config.input_size}",
         ),
+        (config.out is None or config.out != "", "out must name a folder, got an empty string"),
     ]
     for ok, message in checks:
         if not ok:
@@ -418,28 +433,71 @@ def _run_dir(checkpoint_path: str) -> str:
     return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
 
 
+def _epoch_files(directory: str) -> dict[int, str]:
+    """{epoch: path} of the ``epoch_NNN.pt`` files in ``directory`` (none when it is missing)."""
+    if not os.path.isdir(directory):
+        return {}
+    found = {}
+    for name in os.listdir(directory):
+        number = name[len("epoch_"):-len(".pt")]
+        if name.startswith("epoch_") and name.endswith(".pt") and number.isdigit():
+            found[int(number)] = os.path.join(directory, name)
+    return found
+
+
 def _prune_checkpoints(directory: str, keep: int) -> None:
     if keep == 0:
         return
-    files = sorted((f for f in os.listdir(directory) if f.startswith("epoch_") and f.endswith(".pt")),
-                   key=lambda f: int(f[len("epoch_"):-len(".pt")]))  # numeric: epoch_1000 after epoch_999
-    for name in files[:-keep]:
-        os.remove(os.path.join(directory, name))
+    files = _epoch_files(directory)
+    for epoch in sorted(files)[:-keep]:  # numeric: epoch_1000 after epoch_999
+        os.remove(files[epoch])
 
 
-def _prepare_out_dir(out: str, resuming: bool, overwrite: bool) -> None:
-    last = os.path.join(out, "last.pt")
-    if os.path.exists(last) and not (resuming or overwrite):
-        raise FileExistsError(
-            f"{out} already holds a training run ({last}); continue it with --resume {last}, "
-            f"replace it with --overwrite, or choose another --out"
-        )
+RUN_FILES = ("last.pt", "metrics.csv", "metrics.jsonl")
+
+
+def _check_out_dir(out: str, resumed_epoch: int | None, overwrite: bool) -> bool:
+    """Refuse an ``out`` that cannot be written, or whose run this one would replace without
+    ``overwrite``: another run, or (resuming an earlier epoch of its own run) newer checkpoints.
+    Nothing is deleted here: a run replaces the old files once its first checkpoint is written
+    (:func:`_drop_replaced_checkpoints`), so a run that fails before that loses nothing. Returns
+    whether ``out`` was created here."""
     ckpt_dir = os.path.join(out, "checkpoints")
-    os.makedirs(ckpt_dir, exist_ok=True)
-    if overwrite and not resuming:
-        for name in os.listdir(ckpt_dir):
-            if name.startswith("epoch_") and name.endswith(".pt"):
-                os.remove(os.path.join(ckpt_dir, name))
+    for path in (out, ckpt_dir):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"--out {out}: {path} is a file, not a folder")
+    if resumed_epoch is None:
+        held = [os.path.join(out, f) for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+        held += sorted(_epoch_files(ckpt_dir).values())
+        if held and not overwrite:
+            raise FileExistsError(
+                f"{out} already holds a training run ({held[0]}); continue it with --resume "
+                f"{os.path.join(out, 'last.pt')}, replace it with --overwrite, or choose another --out"
+            )
+    else:
+        newer = [path for epoch, path in sorted(_epoch_files(ckpt_dir).items()) if epoch > resumed_epoch]
+        if newer and not overwrite:
+            raise FileExistsError(
+                f"resuming after epoch {resumed_epoch} would replace the newer checkpoints of {out} "
+                f"({', '.join(os.path.basename(p) for p in newer)}); resume from last.pt, pass "
+                f"--overwrite to replace them, or choose another --out"
+            )
+    created = not os.path.exists(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out} cannot be created: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out} is not writable")
+    return created
+
+
+def _drop_replaced_checkpoints(ckpt_dir: str, epoch: int, resumed: bool) -> None:
+    """After the first checkpoint of a run in ``ckpt_dir`` (``epoch``): delete what it replaces,
+    the checkpoints of an earlier run in that folder, or (resumed) those after the resumed epoch."""
+    for number, path in _epoch_files(ckpt_dir).items():
+        if number > epoch or (not resumed and number != epoch):
+            os.remove(path)
 
 
 def fit(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> TrainResult:
@@ -463,6 +521,11 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
     from alexnet_fast.metrics import MetricsLog, plot_curves
 
     _validate_config(config)
+    if ckpt is not None and config.epochs <= ckpt["epoch"]:
+        raise ConfigError(
+            f"{resume} has finished {ckpt['epoch']} epoch(s) and the run is set to {config.epochs}: "
+            f"nothing to train; pass --epochs N with N > {ckpt['epoch']} to continue it"
+        )
     rank, world, local_rank = _process_info()
     device = _training_device(config, local_rank, world)
     started_group = False
@@ -474,15 +537,17 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
             started_group = True
     main_process = rank == 0
     saved_flags = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    out = config.out if main_process else None
+    # resuming continues the run's own folder; another folder holding a run is replaced only with
+    # overwrite, and only once this run has written its first checkpoint
+    same_run = out is not None and resume is not None and os.path.realpath(out) == os.path.realpath(_run_dir(resume))
+    created_out, first_save = False, True
     try:
+        if out is not None:
+            created_out = _check_out_dir(out, ckpt["epoch"] if same_run else None, overwrite)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 GEMMs, as cuDNN convs do
-        out = config.out if main_process else None
-        if out is not None:
-            # resuming writes into the run's own folder only; another folder holding a run is kept
-            same_run = resume is not None and os.path.realpath(out) == os.path.realpath(_run_dir(resume))
-            _prepare_out_dir(out, resuming=same_run, overwrite=overwrite)
 
         train_set = load_dataset(config.data, "train", config.data_dir, config.limit, config.data_seed)
         test_set = load_dataset(config.data, "test", config.data_dir, config.limit, config.data_seed)
@@ -516,7 +581,7 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
         torch.manual_seed(mix_seed(config.seed, rank, 1))
         history, start_epoch = [], 0
         if ckpt is not None:
-            start_epoch, history = _restore(ckpt, model, optimizer, scheduler, scaler, device, rank, world)
+            start_epoch, history = _restore(ckpt, resume, model, optimizer, scheduler, scaler, device, rank, world)
             if main_process:
                 print(f"resuming {resume} after epoch {start_epoch}", flush=True)
 
@@ -534,8 +599,6 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
             train_model, eval_model = torch.compile(train_model), torch.compile(model)
         criterion = nn.CrossEntropyLoss()
         log = MetricsLog(out) if out is not None else None
-        if log is not None:
-            log.start(history)
         step_losses = []
         for epoch in range(start_epoch + 1, config.epochs + 1):
             began = time.perf_counter()
@@ -570,14 +633,23 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
             if main_process:
                 print(_format_row(row, config.epochs), flush=True)
             if out is not None:
-                log.append(row)
+                _save(out, config, epoch, history, model, optimizer, scheduler, scaler, rng_states, world,
+                      replaces=first_save, resumed=same_run)
+                if first_save:  # the metrics files start over with the run's own rows
+                    log.start(history)
+                    first_save = False
+                else:
+                    log.append(row)
                 plot_curves(history, os.path.join(out, "curves.png"))
-                _save(out, config, epoch, history, model, optimizer, scheduler, scaler, rng_states, world)
         return TrainResult(
             model, history, torch.stack(step_losses).tolist() if step_losses else [], config, out
         )
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved_flags
+        if created_out and first_save:  # a run that wrote nothing leaves no empty folder behind
+            for folder in (os.path.join(out, "checkpoints"), out):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)  # only when empty
         if started_group:
             import torch.distributed as dist
 
@@ -597,7 +669,10 @@ def _format_row(row: dict, epochs: int) -> str:
     )
 
 
-def _save(out, config, epoch, history, model, optimizer, scheduler, scaler, rng_states, world) -> None:
+def _save(out, config, epoch, history, model, optimizer, scheduler, scaler, rng_states, world, replaces: bool,
+          resumed: bool) -> None:
+    """Write ``checkpoints/epoch_NNN.pt`` and ``last.pt``; with ``replaces`` (the run's first
+    checkpoint) then delete the checkpoints it replaces, before pruning to the newest ones."""
     from alexnet_fast import __version__, checkpoint
 
     state = {
@@ -617,18 +692,25 @@ def _save(out, config, epoch, history, model, optimizer, scheduler, scaler, rng_
     path = os.path.join(ckpt_dir, f"epoch_{epoch:03d}.pt")
     checkpoint.save_checkpoint(path, state)
     checkpoint.link_atomic(path, os.path.join(out, "last.pt"))
+    if replaces:
+        _drop_replaced_checkpoints(ckpt_dir, epoch, resumed)
     _prune_checkpoints(ckpt_dir, config.keep_checkpoints)
 
 
-def _restore(ckpt, model, optimizer, scheduler, scaler, device, rank, world) -> tuple[int, list]:
+def _restore(ckpt, path, model, optimizer, scheduler, scaler, device, rank, world) -> tuple[int, list]:
     from alexnet_fast import load_seed_state_dict
+    from alexnet_fast.checkpoint import CheckpointError
 
-    load_seed_state_dict(model, ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and ckpt.get("scaler") is not None:
-        scaler.load_state_dict(ckpt["scaler"])
     states = ckpt["rng"]
+    try:
+        load_seed_state_dict(model, ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler") is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(states[rank % len(states)], device)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path}: its saved state does not fit this run ({type(e).__name__}: {e})") from e
     saved_world = ckpt.get("world_size", len(states))
     if saved_world != world and rank == 0:
         print(
@@ -638,7 +720,6 @@ def _restore(ckpt, model, optimizer, scheduler, scaler, device, rank, world) -> 
             file=sys.stderr,
             flush=True,
         )
-    _set_rng_state(states[rank % len(states)], device)
     return ckpt["epoch"], list(ckpt["history"])
 
 
@@ -650,9 +731,12 @@ def _resumed_config(
     folder defaults to the checkpoint's own (``RUN/last.pt`` or ``RUN/checkpoints/epoch_NNN.pt``),
     so a moved or copied run continues where it now is."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(saved) - names
-    if unknown:
-        raise ConfigError(f"{path}: its config has fields this version does not know: {sorted(unknown)}")
+    unknown, missing = set(saved) - names, names - set(saved)
+    if unknown or missing:
+        raise ConfigError(
+            f"{path}: its config does not match this version's settings "
+            f"(unknown: {sorted(unknown) or 'none'}; missing: {sorted(missing) or 'none'})"
+        )
     config = TrainConfig(**saved)
     config.out = _run_dir(path)
     if explicit is None:
@@ -686,13 +770,20 @@ def data_settings(
     def pick(value, key, default):
         return value if value is not None else saved.get(key, default)
 
-    return {
+    from alexnet_fast.model import fits_input_size, min_input_size
+
+    settings = {
         "data": pick(data, "data", "stl10"),
         "data_dir": pick(data_dir, "data_dir", "./data"),
         "limit": pick(limit, "limit", None),
         "data_seed": pick(data_seed, "data_seed", 0),
         "input_size": pick(input_size, "input_size", 224),
     }
+    if not fits_input_size(settings["input_size"]):
+        raise ConfigError(
+            f"--input-size must be at least {min_input_size()} (AlexNet's smallest input), got {settings['input_size']}"
+        )
+    return settings
 
 
 def evaluate_checkpoint(
@@ -824,7 +915,7 @@ def user_errors(command):
     def run(args) -> int:
         from alexnet_fast.backends import BackendUnavailableError
         from alexnet_fast.checkpoint import CheckpointError
-        from alexnet_fast.data import DatasetNotFoundError
+        from alexnet_fast.data import DatasetNotFoundError, DeviceError
 
         try:
             return command(args)
@@ -832,11 +923,13 @@ def user_errors(command):
             ConfigError,
             CheckpointError,
             DatasetNotFoundError,
+            DeviceError,
             BackendUnavailableError,
             FileNotFoundError,
             FileExistsError,
         ) as e:
-            print(f"alexnet-fast {getattr(args, 'command', 'train')}: error: {e}", file=sys.stderr)
+            prog = f"alexnet-fast {args.command}" if hasattr(args, "command") else "python -m alexnet_fast.train"
+            print(f"{prog}: error: {e}", file=sys.stderr)
             return 2
 
     return run
@@ -890,7 +983,7 @@ def add_checkpoint_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder holding stl10_binary/ (default: the checkpoint's, else ./data)")
     p.add_argument("--limit", type=positive_int, help="use at most N test images (default: the checkpoint's)")
     p.add_argument("--data-seed", type=int, help="seed of the synthetic dataset (default: the checkpoint's)")
-    p.add_argument("--input-size", type=int, help="default: the checkpoint's, else 224")
+    p.add_argument("--input-size", type=positive_int, help="default: the checkpoint's, else 224")
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:

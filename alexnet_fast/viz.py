@@ -401,9 +401,11 @@ def write_all(
     image_index: int = 0,
     num_images: int = 16,
 ) -> list[str]:
-    """Write every picture for ``model`` into ``out_dir``; returns the paths written."""
+    """Write every picture for ``model`` into ``out_dir``; returns the paths written. The arguments
+    are checked before anything is written."""
     from alexnet_fast.train import evaluate_classification
 
+    check_pictures(model, test_loader.images.shape[0], projections, layers, image_index)
     os.makedirs(out_dir, exist_ok=True)
     classes = test_loader.classes
     written = []
@@ -428,9 +430,6 @@ def write_all(
         model, test_loader, n=num_images, only_errors=True, class_names=classes, save_path=path("errors.png")
     )
     visualize_conv_filters(model, save_path=path("filters.png"))
-    test_images = test_loader.images
-    if not 0 <= image_index < test_images.shape[0]:
-        raise ValueError(f"image_index must be in [0, {test_images.shape[0]}), got {image_index}")
     image = next(iter(_single_image_loader(test_loader, image_index)))
     for idx, stage, _ in layer_stages(model):
         if layers is None or idx in layers:
@@ -447,6 +446,17 @@ def write_all(
     for method in projections:
         plot_embeddings(embeddings, emb_labels, method, classes, save_path=path(f"embeddings_{method}.png"))
     return written
+
+
+def check_pictures(model, n_test: int, projections, layers, image_index: int) -> None:
+    """Raise ValueError for :func:`write_all` arguments that cannot work with ``n_test`` test images."""
+    if not 0 <= image_index < n_test:
+        raise ValueError(f"image_index must be in [0, {n_test}) (the test images), got {image_index}")
+    known = {idx for idx, _, _ in layer_stages(model)}
+    if layers is not None and not set(layers) <= known:
+        raise ValueError(f"layers must be among the feature indices {sorted(known)}, got {sorted(layers)}")
+    if projections and n_test < 3:
+        raise ValueError(f"projecting embeddings needs at least 3 test images, got {n_test}")
 
 
 def _single_image_loader(loader, index: int):
@@ -475,8 +485,12 @@ def _cmd_viz(args) -> int:
 def _viz(args) -> int:
     from alexnet_fast import checkpoint
     from alexnet_fast.data import DeviceLoader, default_device, load_dataset
-    from alexnet_fast.train import data_settings
+    from alexnet_fast.train import ConfigError, data_settings
 
+    try:
+        layers = None if args.layers == "all" else {int(v) for v in args.layers.split(",")}
+    except ValueError:
+        raise ConfigError(f"--layers must be 'all' or comma-separated feature indices such as 0,1; got {args.layers!r}") from None
     device = default_device(args.device)
     model, config = checkpoint.load_model(args.checkpoint, backend=args.backend, device=device)
     d = data_settings(config, args.data, args.data_dir, args.limit, args.data_seed, args.input_size)
@@ -485,8 +499,12 @@ def _viz(args) -> int:
     common = dict(input_size=d["input_size"], device=device)
     train_loader = DeviceLoader(train_set, args.num_images, train=True, **common)
     test_loader = DeviceLoader(test_set, args.batch_size, train=False, **common)
-    layers = None if args.layers == "all" else {int(v) for v in args.layers.split(",")}
     projections = ("tsne", "pca") if args.projection == "both" else (args.projection,)
+    try:
+        check_pictures(model, len(test_set), projections, layers, args.image_index)
+    except ValueError as e:  # named as the flags are
+        message = str(e).replace("image_index", "--image-index").replace("layers must", "--layers must")
+        raise ConfigError(message) from None
     for p in write_all(
         model, train_loader, test_loader, args.out, projections, layers, args.image_index, args.num_images
     ):

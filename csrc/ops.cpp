@@ -1,6 +1,7 @@
 // Every schema of the alexnet_fast op library, in one place. Kernels register per device in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels, autograd and autocast are registered
-// from Python in alexnet_fast/ops.py.
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels and autograd are registered from Python
+// in alexnet_fast/ops.py and autograd.py. There is no Autocast kernel: the public Python ops cast
+// the conv's operands under autocast (ops.py says why).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -23,7 +23,7 @@ from alexnet_fast import backends  # noqa: E402
 DEVICES = ["cpu", "cuda"]
 KERNEL_BACKENDS = ["native", "triton"]
 
-# Relative error bounds against the float64 reference (GUIDE §4), by (dtype, kind).
+# Relative error bounds against the float64 reference, by (dtype, kind); the one place they live.
 # kind "exact": selections and copies (max-pool values), "elementwise": LRN-like per-element math,
 # "gemm": reductions over K (convolutions, normwise).
 TOLERANCES = {

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from alexnet_fast import bench, bench_ops, bench_step, cli, roofline
-from alexnet_fast.model import ALEXNET_CONVS, layer_shapes
+from alexnet_fast.model import ALEXNET_CONVS, layer_shapes, min_input_size
 
-TINY = bench_ops.min_image_size()
+TINY = min_input_size()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +263,30 @@ def test_bench_command_rejects_bad_arguments(tmp_path, capsys):
     assert cli.main(["bench", "--markdown", "--device", "cpu", "--out", str(tmp_path / "none")]) == 2
     capsys.readouterr()
     assert cli.main(["bench", "--ops", "--device", "cpu", "--kernels", "lrn,conv9", "--out", str(tmp_path)]) == 2
-    assert "--kernels must be a comma-separated list of conv1, " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--kernels must be a comma-separated list of conv1, " in err and err.count(" lrn,") == 1
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--out", str(afile / "sub")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"a,b\n1,2\n", None])
+def test_unreadable_results_are_refused_before_anything_is_written(tmp_path, capsys, content):
+    """--markdown, --merge and a run into an --out whose CSV is damaged: one line, nothing written."""
+    bad = tmp_path / "bad.csv"
+    if content is None:  # a results CSV whose numbers are not numbers
+        bench.upsert_csv(bad, [_op_row("eager", 1.0)])
+        bad.write_text(bad.read_text().replace(",ok,1,", ",ok,one,", 1))
+    else:
+        bad.write_bytes(content)
+    assert cli.main(["bench", "--markdown", str(bad)]) == 2
+    assert f"{bad}" in capsys.readouterr().err
+    out = tmp_path / "merged"
+    assert cli.main(["bench", "--merge", str(bad), "--out", str(out)]) == 2
+    assert "--merge" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["bench", "--markdown", str(tmp_path)]) == 2
+    assert "folder" in capsys.readouterr().err
 
 
 def test_bench_kernels_selects_the_op_cases(tmp_path):

@@ -113,6 +113,20 @@ def test_foreign_and_incomplete_checkpoints(tmp_path):
         checkpoint.load_training_checkpoint(partial)
 
 
+@pytest.mark.parametrize("key, value", [("rng", []), ("optimizer", {}), ("history", None), ("config", "abc"),
+                                        ("scheduler", [1])])
+def test_damaged_entries_are_refused(tmp_path, key, value):
+    path = str(tmp_path / "damaged.pt")
+    torch.save({**_state(), key: value, "format": checkpoint.FORMAT, "version": checkpoint.VERSION}, path)
+    with pytest.raises(CheckpointError, match=f"damaged training checkpoint.*'{key}'"):
+        checkpoint.load_training_checkpoint(path)
+
+
+def test_a_folder_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="is a folder.*last.pt"):
+        checkpoint.load_weights(str(tmp_path))
+
+
 def test_weights_only_files_cannot_resume_but_load_for_eval(tmp_path):
     torch.manual_seed(0)
     model = AlexNet(num_classes=7, backend="torch").eval()

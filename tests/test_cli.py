@@ -1,4 +1,5 @@
 """The alexnet-fast command line: info."""
+import os
 import subprocess
 import sys
 
@@ -27,3 +28,14 @@ def test_console_entry_point_runs():
     res = subprocess.run([sys.executable, "-m", "alexnet_fast.cli", "info"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "torch:" in res.stdout
+
+
+def test_a_bad_default_backend_is_one_clear_error():
+    """ALEXNET_FAST_BACKEND is read when first needed: the package still imports, and the command
+    says what is wrong in one line."""
+    env = {**os.environ, "ALEXNET_FAST_BACKEND": "bogus"}
+    res = subprocess.run([sys.executable, "-m", "alexnet_fast.cli", "info"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert res.returncode == 2
+    assert res.stderr.strip() == (
+        "alexnet-fast: error: ALEXNET_FAST_BACKEND must be one of ('auto', 'torch', 'native', 'triton'), got 'bogus'")

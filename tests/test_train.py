@@ -18,7 +18,6 @@ from alexnet_fast.metrics import COLUMNS, read_metrics_csv, topk_correct
 from alexnet_fast.train import (
     ConfigError,
     TrainConfig,
-    _prepare_out_dir,
     config_from_args,
     evaluate_classification,
     fit,
@@ -122,8 +121,55 @@ def test_run_folder_and_bit_exact_resume(tmp_path):
     torch.save(straight.model.state_dict(), weights)
     with pytest.raises(CheckpointError, match="cannot resume"):
         fit(tiny(epochs=2), resume=weights)
-    _prepare_out_dir(b, resuming=False, overwrite=True)  # what --overwrite does before a new run
-    assert os.listdir(os.path.join(b, "checkpoints")) == []
+    with pytest.raises(ConfigError, match="nothing to train"):
+        fit(tiny(epochs=2), resume=os.path.join(b, "last.pt"))
+
+
+def _files(folder) -> dict:
+    """{relative path: bytes} of every file below ``folder``."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return found
+
+
+def test_a_run_folder_is_replaced_only_by_a_run_that_works(tmp_path):
+    """--overwrite replaces the old run once the new one has written its first checkpoint: a run
+    that fails before that leaves it as it was; a folder holding any part of a run is refused
+    without --overwrite; resuming an earlier epoch does not silently drop the newer ones."""
+    run = str(tmp_path / "run")
+    fit(tiny(epochs=2, out=run, keep_checkpoints=0))
+    before = _files(run)
+    assert {"checkpoints/epoch_001.pt", "checkpoints/epoch_002.pt", "last.pt", "metrics.csv"} <= set(before)
+    with pytest.raises(data.DatasetNotFoundError):
+        fit(tiny(out=run, data="stl10", data_dir=str(tmp_path / "nothing")), overwrite=True)
+    assert _files(run) == before
+
+    os.remove(os.path.join(run, "last.pt"))  # what is left of a run is still a run
+    with pytest.raises(FileExistsError, match="already holds a training run"):
+        fit(tiny(out=run))
+    fit(tiny(out=run, keep_checkpoints=0), overwrite=True)
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["epoch_001.pt"]
+    assert len(read_metrics_csv(os.path.join(run, "metrics.csv"))) == 1
+
+    fit(tiny(epochs=3, keep_checkpoints=0), resume=os.path.join(run, "last.pt"))
+    early = os.path.join(run, "checkpoints", "epoch_001.pt")
+    with pytest.raises(FileExistsError, match="epoch_002.pt, epoch_003.pt"):
+        fit(tiny(epochs=2), resume=early)
+    fit(tiny(epochs=2), resume=early, overwrite=True)
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["epoch_001.pt", "epoch_002.pt"]
+    assert checkpoint.load_training_checkpoint(os.path.join(run, "last.pt"))["epoch"] == 2
+
+    fresh = str(tmp_path / "fresh" / "run")
+    with pytest.raises(data.DatasetNotFoundError):
+        fit(tiny(out=fresh, data="stl10", data_dir=str(tmp_path / "nothing")))
+    assert not os.path.exists(fresh)  # a failed run leaves no empty folder
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        fit(tiny(out=str(afile)))
 
 
 def test_the_loop_learns():
@@ -148,6 +194,12 @@ def test_bad_config():
         (dict(data="mnist"), "data"),
         (dict(batch_size=0), "batch_size"),
         (dict(lr=0), "lr"),
+        (dict(lr=math.inf), "lr"),
+        (dict(weight_decay=math.inf), "weight_decay"),
+        (dict(momentum=math.nan), "momentum"),
+        (dict(device="tpu"), "device must be cpu, cuda or cuda:N"),
+        (dict(device="cuda:7" if torch.cuda.is_available() else "cuda"), "cuda"),
+        (dict(out=""), "out"),
     ):
         with pytest.raises(ValueError, match=match):
             fit(tiny(**bad))
@@ -286,3 +338,20 @@ def test_backends_train_alike(backend, device):
     assert len(got) == len(reference) == STEPS
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, reference))
     assert worst <= tol, f"{backend} loss curve differs from torch's by {worst:.3g} relative (> {tol})"
+
+
+def test_resuming_a_checkpoint_that_does_not_fit(tmp_path):
+    run = str(tmp_path / "run")
+    fit(tiny(out=run))
+    bad = str(tmp_path / "other" / "last.pt")
+    os.makedirs(os.path.dirname(bad))
+    ckpt = torch.load(os.path.join(run, "last.pt"), weights_only=True)
+    del ckpt["config"]["input_size"]  # never silently the default
+    torch.save(ckpt, bad)
+    with pytest.raises(ConfigError, match=r"missing: \['input_size'\]"):
+        fit(tiny(epochs=2), resume=bad)
+    ckpt = torch.load(os.path.join(run, "last.pt"), weights_only=True)
+    ckpt["model"]["features.0.net.0.weight"] = torch.zeros(1)
+    torch.save(ckpt, bad)
+    with pytest.raises(CheckpointError, match="does not fit this run"):
+        fit(tiny(epochs=2), resume=bad)

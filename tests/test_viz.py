@@ -2,6 +2,7 @@
 NaNs, confusion matrix, embeddings, and the ``viz`` command's files."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -213,3 +214,22 @@ def test_viz_command_writes_every_picture(tmp_path, capsys):
     )  # conv2..conv5 stages, conv2's LRN and pool
     assert all(open(out / name, "rb").read(8) == PNG for name in written)
     assert len(capsys.readouterr().out.splitlines()) == len(written)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--layers", "a,b"], "--layers must be 'all' or comma-separated"),
+    (["--layers", "99"], "--layers must be among the feature indices"),
+    (["--image-index", "20"], r"--image-index must be in \[0, 20\)"),
+    (["--limit", "2"], "at least 3 test images"),
+    (["--input-size", "66"], "--input-size must be at least 67"),
+])
+def test_viz_arguments_are_checked_before_anything_is_written(tmp_path, capsys, flags, message):
+    weights = str(tmp_path / "seed.pt")
+    torch.save(AlexNet().state_dict(), weights)
+    out = tmp_path / "pictures"
+    args = ["viz", "--checkpoint", weights, "--out", str(out), "--data", "synthetic", "--limit", "20",
+            "--input-size", "72", "--device", "cpu", "--backend", "torch", "--num-images", "4"]
+    assert cli.main(args + flags) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and len(err.splitlines()) == 1, err
+    assert not out.exists()

@@ -8,10 +8,11 @@
 //   re-reading the few channels of its window halo.
 // * channels_last: a lane owns VEC channels of one pixel (a 16-byte load) and takes the window
 //   across lanes with shuffles (lane_window_sums).
-// The fused lrn_max_pool2d computes the LRN of a tile of input into shared memory and pools it
-// from there, so the LRN output never reaches memory. NCHW blocks own a spatial tile and walk the
-// channels U at a time; channels_last blocks own a strip of output columns and walk down the
-// output rows, keeping the kh input rows of the current pooled row.
+// The fused lrn_max_pool2d never writes the LRN output to memory. NCHW blocks compute the LRN of
+// a spatial tile of input into shared memory, U channels at a time, and pool it from there.
+// channels_last gives each thread one pooled pixel and VEC channels: it computes the LRN of every
+// window position from the input (the window's neighbour channels come from L1/L2), so a pixel
+// covered by several windows is normalised once per window, with no shared memory.
 // lrn_max_pool2d_backward, NCHW, reads x, indices and grad_out and writes dx in one kernel: the
 // gradient of the LRN output is gathered on the fly from the pool windows covering each 2x2 stride
 // cell of the 3x3/2 pool (each window read once), then passed through the LRN gradient as in

@@ -39,3 +39,12 @@ def test_a_bad_default_backend_is_one_clear_error():
     assert res.returncode == 2
     assert res.stderr.strip() == (
         "alexnet-fast: error: ALEXNET_FAST_BACKEND must be one of ('auto', 'torch', 'native', 'triton'), got 'bogus'")
+
+
+def test_the_native_extension_is_built():
+    """Every native-kernel test skips when alexnet_fast._C cannot be loaded; this one fails
+    instead, so that a broken build cannot pass as a row of skips."""
+    from alexnet_fast import backends
+
+    ok, reason = backends.availability("native", "cpu")
+    assert ok, f"the C++ extension does not load: {reason}"

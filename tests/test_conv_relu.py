@@ -14,6 +14,7 @@ CPU_CASES = [
     ((2, 3, 27, 27), (8, 3, 11, 11), (4, 4), (0, 0)),
     ((2, 5, 6, 7), (3, 5, 1, 1), (1, 1), (0, 0)),
     ((1, 4, 7, 9), (6, 4, 3, 2), (2, 1), (1, 0)),
+    ((1, 60, 5, 6), (10, 60, 3, 3), (1, 1), (1, 1)),  # C_in in channel blocks per tap, the last one partial
 ]
 CUDA_CASES = CPU_CASES + [
     ((4, 96, 27, 27), (256, 96, 5, 5), (1, 1), (2, 2)),
@@ -23,15 +24,16 @@ CUDA_CASES = CPU_CASES + [
 ]
 
 
-def _run(backend, device, dtype, layout, xs, ws, stride, padding, bias=True, x_grad=True):
+def _run(backend, device, dtype, layout, xs, ws, stride, padding, bias=True, x_grad=True, w_grad=True):
     # PyTorch's rule, which the kernels follow: float32 convolutions on CUDA use TF32 when cuDNN may.
     tf32 = dtype == torch.float32 and device == "cuda" and torch.backends.cudnn.allow_tf32
-    what = f"{backend} {dtype} {layout} x={xs} w={ws} s={stride} p={padding} bias={bias} tf32={tf32}"
+    what = f"{backend} {dtype} {layout} x={xs} w={ws} s={stride} p={padding} bias={bias} tf32={tf32} " \
+           f"grads x={x_grad} w={w_grad}"
     x = random_input(xs, dtype, device, layout).requires_grad_(x_grad)
-    w = (random_input(ws, dtype, device) / (ws[1] * ws[2] * ws[3]) ** 0.5).requires_grad_()
+    w = (random_input(ws, dtype, device) / (ws[1] * ws[2] * ws[3]) ** 0.5).requires_grad_(w_grad)
     b = random_input((ws[0],), dtype, device, scale=0.1).requires_grad_() if bias else None
     out = ops.conv2d_relu(x, w, b, stride, padding, backend=backend)
-    x64, w64 = x.detach().double().cpu().requires_grad_(x_grad), w.detach().double().cpu().requires_grad_()
+    x64, w64 = x.detach().double().cpu().requires_grad_(x_grad), w.detach().double().cpu().requires_grad_(w_grad)
     b64 = b.detach().double().cpu().requires_grad_() if bias else None
     ref = reference.conv2d_relu(x64, w64, b64, stride, padding)
     assert out.dtype == dtype
@@ -51,7 +53,8 @@ def _run(backend, device, dtype, layout, xs, ws, stride, padding, bias=True, x_g
     inputs64 = [t for t in (x64, w64, b64) if t is not None and t.requires_grad]
     grads = torch.autograd.grad(out, inputs, g)
     grads64 = torch.autograd.grad(pre64, inputs64, g.double().cpu() * ours_on)
-    names = (["x"] if x_grad else []) + ["weight"] + (["bias"] if bias else [])
+    names = (["x"] if x_grad else []) + (["weight"] if w_grad else []) + (["bias"] if bias else [])
+    assert len(names) == len(grads)
     for name, got, want in zip(names, grads, grads64):
         assert got.shape == want.shape and got.dtype == dtype
         assert_close(got, want, dtype, "gemm", tf32, what=f"grad {name} {what}")
@@ -75,6 +78,10 @@ def test_conv_relu_no_bias_and_frozen_input(backend, device):
     for layout in ("contiguous", "channels_last"):
         _run(backend, device, torch.float32, layout, (2, 3, 27, 27), (8, 3, 11, 11), (4, 4), (0, 0),
              bias=False, x_grad=False)
+        # a frozen weight: the bias still gets its gradient
+        _run(backend, device, torch.float32, layout, (2, 4, 9, 8), (7, 4, 3, 3), (1, 1), (1, 1), w_grad=False)
+        _run(backend, device, torch.float32, layout, (2, 4, 9, 8), (7, 4, 3, 3), (1, 1), (1, 1), w_grad=False,
+             x_grad=False)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -107,9 +114,15 @@ def test_conv_relu_autocast(backend, device):
         out = ops.conv2d_relu(x, w, b, 1, 1, backend=backend)
         ref = ops.conv2d_relu(x, w, b, 1, 1, backend="torch")
     assert out.dtype == ref.dtype == dtype
-    assert_close(out, reference.conv2d_relu(x.double(), w.double(), b.double(), 1, 1).cpu(), dtype, "gemm")
+    x64, w64, b64 = (t.detach().double().cpu().requires_grad_() for t in (x, w, b))
+    pre64 = torch.nn.functional.conv2d(x64, w64, b64, 1, 1)
+    assert_close(out, pre64.relu(), dtype, "gemm")
     out.float().sum().backward()
     assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    # float32 gradients of bf16 products, masked by the op's own output (see _run)
+    gw, gb = torch.autograd.grad(pre64, (w64, b64), (out.detach().cpu() > 0).double())
+    assert_close(w.grad, gw, dtype, "gemm", what="autocast weight gradient")
+    assert_close(b.grad, gb, dtype, "gemm", what="autocast bias gradient")
 
 
 def test_conv_relu_empty_batch(backend, device):

@@ -11,25 +11,29 @@ CPU_CASES = [((2, 7, 9, 9), 5, (3, 3), (2, 2)), ((1, 3, 8, 11), 5, (3, 3), (2, 2
              ((2, 6, 7, 6), 4, (2, 3), (1, 2))]
 CUDA_CASES = CPU_CASES + [((3, 96, 27, 27), 5, (3, 3), (2, 2)), ((2, 256, 13, 13), 5, (3, 3), (2, 2)),
                           ((1, 33, 30, 31), 3, (3, 3), (2, 2))]
-LRN = dict(alpha=1e-4, beta=0.75, k=2.0)
+# AlexNet's LRN, and one where the neighbouring channels matter a lot (AlexNet's alpha leaves their
+# share of the output near 1e-4, which a wrong window in a 16-bit dtype would hide)
+PARAMS = [dict(alpha=1e-4, beta=0.75, k=2.0), dict(alpha=0.5, beta=0.6, k=1.0)]
 
 
-def reference_indices(x, size, kernel, stride):
+def reference_indices(x, size, kernel, stride, lrn):
     """Winners of max_pool2d(lrn(x)) with the LRN values rounded to x's dtype (computed in fp32),
     the rule our kernels follow; float64 inputs keep float64."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = reference.lrn(x.cpu().to(acc), size, **LRN).to(x.dtype)
+    y = reference.lrn(x.cpu().to(acc), size, **lrn).to(x.dtype)
     return reference.max_pool2d_indices(y, kernel, stride)
 
 
-def _check_half_winners(x, size, kernel, stride, idx, ref_idx, what):
+def _check_half_winners(x, size, kernel, stride, lrn, idx, ref_idx, what):
     """In 16-bit dtypes our fp32 LRN may round a value one ulp away from PyTorch's, which can turn
     a near-tie into a tie: allow a rare different winner only where the two candidates are equal
-    to within one ulp, and check the rest exactly."""
+    to within one ulp, and check the rest exactly. The count bound (0.1% of the windows, but one
+    at least: on the CPU cases' 45-224 windows one flipped near-tie is already 0.4-2%) only catches
+    a wholesale difference."""
     differ = idx != ref_idx
-    assert differ.float().mean().item() <= 1e-3, f"{int(differ.sum())} winners differ: {what}"
+    assert int(differ.sum()) <= max(1, differ.numel() // 1000), f"{int(differ.sum())} winners differ: {what}"
     if differ.any():
-        y = reference.lrn(x.cpu().float(), size, **LRN)
+        y = reference.lrn(x.cpu().float(), size, **lrn)
         ours = pool_by_indices(y, idx, kernel, stride)[differ]
         theirs = pool_by_indices(y, ref_idx, kernel, stride)[differ]
         ulp = theirs.abs() * torch.finfo(x.dtype).eps
@@ -38,26 +42,27 @@ def _check_half_winners(x, size, kernel, stride, idx, ref_idx, what):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("relu", [False, True], ids=["randn", "relu-ties"])
-def test_lrn_max_pool_forward_backward(backend, device, dtype, layout, relu):
+@pytest.mark.parametrize("lrn", PARAMS, ids=["alexnet", "strong"])
+def test_lrn_max_pool_forward_backward(backend, device, dtype, layout, relu, lrn):
     for shape, size, kernel, stride in CPU_CASES if device == "cpu" else CUDA_CASES:
         x = random_input(shape, dtype, device, layout, relu=relu, scale=3.0).requires_grad_()
         what = f"{backend} {dtype} {layout} {shape} size={size} k={kernel} s={stride}"
-        out = ops.lrn_max_pool2d(x, size, **LRN, kernel_size=kernel, stride=stride, backend=backend)
+        out = ops.lrn_max_pool2d(x, size, **lrn, kernel_size=kernel, stride=stride, backend=backend)
         assert out.dtype == dtype
         assert_layout(out, layout, what)
         impl = ops.kernels(backend)
-        _, idx = impl.lrn_max_pool2d(x.detach(), size, *LRN.values(), list(kernel), list(stride))
-        ref_idx = reference_indices(x.detach(), size, kernel, stride)
+        _, idx = impl.lrn_max_pool2d(x.detach(), size, *lrn.values(), list(kernel), list(stride))
+        ref_idx = reference_indices(x.detach(), size, kernel, stride, lrn)
         if dtype in (torch.float32, torch.float64):
             assert torch.equal(idx.cpu(), ref_idx), f"winners differ: {what}"
         else:
-            _check_half_winners(x.detach(), size, kernel, stride, idx.cpu(), ref_idx, what)
+            _check_half_winners(x.detach(), size, kernel, stride, lrn, idx.cpu(), ref_idx, what)
             ref_idx = idx.cpu()
         x64 = x.detach().double().cpu().requires_grad_()
-        ref = pool_by_indices(reference.lrn(x64, size, **LRN), ref_idx, kernel, stride)
+        ref = pool_by_indices(reference.lrn(x64, size, **lrn), ref_idx, kernel, stride)
         assert_close(out, ref, dtype, "elementwise", what=f"lrn_max_pool2d {what}")
         if dtype in (torch.float32, torch.float64):  # the winners are unambiguous: the plain composition
-            plain = reference.lrn_max_pool2d(x64, size, **LRN, kernel_size=kernel, stride=stride)
+            plain = reference.lrn_max_pool2d(x64, size, **lrn, kernel_size=kernel, stride=stride)
             assert_close(out, plain, dtype, "elementwise", what=f"vs max_pool2d(lrn) {what}")
         g = random_input(out.shape, dtype, device, layout)
         (gx,) = torch.autograd.grad(out, x, g)

@@ -13,6 +13,7 @@ CPU_CASES = [
     ((2, 3, 8, 7), (3, 3), (2, 2), (0, 0), True),
     ((1, 4, 7, 6), (2, 3), (1, 2), (1, 0), True),
     ((2, 1, 5, 5), (5, 5), (1, 1), (2, 2), False),
+    ((1, 2, 7, 8), (3, 3), (2, 2), (0, 0), True),  # ceil_mode: the last window overhangs in W only
 ]
 CUDA_CASES = CPU_CASES + [
     ((3, 96, 27, 27), (3, 3), (2, 2), (0, 0), False),

@@ -1,0 +1,67 @@
+"""Inputs the shape-and-dtype tests do not reach, for every op of both kernel backends: NaN (it
+must come out where PyTorch's ops put it), strided inputs that are neither contiguous nor
+channels_last, and the expanded (stride-0) gradient that ``out.sum().backward()`` passes."""
+import pytest
+import torch
+from conftest import assert_close
+
+from alexnet_fast import ops, reference
+
+OPS = ("lrn", "max_pool2d", "lrn_max_pool2d", "conv2d_relu")
+LRN = dict(size=5, alpha=0.5, beta=0.6, k=1.0)  # strong enough that every window channel counts
+POOL = dict(kernel_size=3, stride=2)
+KIND = {"conv2d_relu": "gemm"}  # the others are elementwise
+
+
+def _apply(op, x, weight=None, bias=None, backend=None):
+    """``op`` on ``x`` through our ops (``backend`` given) or the PyTorch reference (None)."""
+    impl = ops if backend is not None else reference
+    kw = {} if backend is None else {"backend": backend}
+    if op == "lrn":
+        return impl.lrn(x, **LRN, **kw)
+    if op == "max_pool2d":
+        return impl.max_pool2d(x, **POOL, **kw)
+    if op == "lrn_max_pool2d":
+        return impl.lrn_max_pool2d(x, **LRN, **POOL, **kw)
+    return impl.conv2d_relu(x, weight, bias, 1, 1, **kw)
+
+
+def _conv_params(c_in, dtype, device):
+    w = torch.randn(5, c_in, 3, 3, dtype=torch.float64) / (9 * c_in) ** 0.5
+    b = torch.randn(5, dtype=torch.float64) * 0.1
+    return w.to(dtype).to(device), b.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("op", OPS)
+def test_nan_comes_out_where_pytorch_puts_it(backend, device, dtype, layout, op):
+    x = torch.randn(2, 7, 9, 10, dtype=torch.float64)
+    x[0, 3, 4, 4] = float("nan")  # inside every window kind
+    x[1, 0, 0, 9] = float("nan")  # at a corner and the first channel
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = x.to(dtype).to(device).contiguous(memory_format=fmt)
+    weight, bias = _conv_params(7, dtype, device) if op == "conv2d_relu" else (None, None)
+    out = _apply(op, x, weight, bias, backend)
+    ref = _apply(op, x.double().cpu(), *(t.double().cpu() if t is not None else None for t in (weight, bias)))
+    assert torch.isnan(ref).any() and not torch.isnan(ref).all(), "the case must have NaN and numbers"
+    # assert_close fails unless NaN stands exactly where the reference has it
+    assert_close(out, ref, dtype, KIND.get(op, "elementwise"), what=f"{op} {backend} {dtype} {layout} with NaN")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_strided_input_and_expanded_gradient(backend, device, op):
+    """A slice of a larger tensor (neither contiguous nor channels_last) in, and the stride-0
+    gradient of ``out.sum()`` back: the ops make what they need dense themselves."""
+    base = torch.randn(2, 9, 12, 15, dtype=torch.float64)
+    x64 = base[:, 1:8, 1:, 2:13].requires_grad_()  # (2, 7, 11, 11)
+    assert not x64.is_contiguous() and not x64.is_contiguous(memory_format=torch.channels_last)
+    x = base.float().to(device)[:, 1:8, 1:, 2:13].requires_grad_()
+    weight, bias = _conv_params(7, torch.float32, device) if op == "conv2d_relu" else (None, None)
+    out = _apply(op, x, weight, bias, backend)
+    w64, b64 = (t.double().cpu() if t is not None else None for t in (weight, bias))
+    ref = _apply(op, x64, w64, b64)
+    kind = KIND.get(op, "elementwise")
+    assert_close(out, ref, torch.float32, kind, what=f"{op} {backend} on a strided input")
+    out.sum().backward()
+    ref.sum().backward()
+    assert_close(x.grad, x64.grad, torch.float32, kind, what=f"{op} {backend} gradient of out.sum()")

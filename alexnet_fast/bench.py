@@ -46,6 +46,26 @@ DEFAULT_OUT = Path("benchmarks") / "results"
 # Statuses: ok; skipped (the provider cannot run here, with the reason); failed (it raised);
 # mismatch (it ran, but its output or gradients differ from eager beyond the sanity bound).
 PROBLEM_STATUSES = ("failed", "mismatch")
+# Normwise difference from eager beyond which a provider's result is flagged "mismatch": a bound
+# that catches a broken kernel, not the tests' tolerance (tests/conftest.py holds those).
+SANITY_TOL = {"fp32": 1e-2, "tf32": 1e-2, "bf16": 5e-2, "fp16": 2e-2}
+
+
+def rel_diff(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float32; infinite for another shape or a non-finite result."""
+    if out.shape != ref.shape:
+        return math.inf
+    out, ref = out.detach().float(), ref.detach().float()
+    err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return err if math.isfinite(err) else math.inf
+
+
+def sanity(rel_err: float, dtype: str) -> dict:
+    """The status and note of a result ``rel_err`` away from eager."""
+    tol = SANITY_TOL[dtype]
+    if rel_err <= tol:
+        return {"status": "ok", "note": "", "rel_err": rel_err}
+    return {"status": "mismatch", "note": f"differs from eager by {rel_err:.2g} (bound {tol:g})", "rel_err": rel_err}
 
 
 class Skipped(Exception):

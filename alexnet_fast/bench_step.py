@@ -11,6 +11,11 @@ an SGD step (momentum 0.9, weight decay 5e-4), for every provider in the same ru
 bf16 means autocast to bfloat16 with TF32 off; tf32 means float32 with TF32 on; fp32 means TF32
 off. Warm-up steps (and so compile time, reported separately) are excluded from the timing; two
 random batches alternate.
+
+Before its warm-up, each provider's model (initialised from the same seed as eager's) computes
+the logits of the first batch in eval mode; a provider whose logits differ from eager's beyond
+the benchmark's sanity bound is marked ``mismatch``. The compiled providers' check runs their
+model uncompiled (switching it to eval mode and back would compile it twice more).
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from alexnet_fast.bench import Skipped, error_status, format_row, make_row, peak_memory_mb, precision, synchronize, time_fn
+from alexnet_fast.bench import (Skipped, error_status, format_row, make_row, peak_memory_mb, precision, rel_diff,
+                                sanity, synchronize, time_fn)
 from alexnet_fast.model import INPUT_SIZE, AlexNet
 from alexnet_fast.train import make_sgd
 
@@ -40,6 +46,7 @@ class Step:
     fn: object  # one training step on the next batch
     warmup_s: float  # wall time of the warm-up steps: compile time for the compiled providers
     note: str
+    logits: torch.Tensor  # of the first batch, in eval mode, before any training step (float32)
 
 
 def prepare_step(provider: str, layout: str, batch: int, dtype: str, size: int, device: str, seed: int = 0,
@@ -64,8 +71,12 @@ def prepare_step(provider: str, layout: str, batch: int, dtype: str, size: int, 
     images = [torch.randn((batch, 3, size, size), generator=gen, device=device).contiguous(memory_format=fmt)
               for _ in range(NUM_BATCHES)]
     labels = [torch.randint(0, NUM_CLASSES, (batch,), generator=gen, device=device) for _ in range(NUM_BATCHES)]
-    forward = torch.compile(model) if provider in COMPILED else model
     amp = dtype == "bf16"
+    model.eval()
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+        logits = model(images[0]).float()
+    model.train()
+    forward = torch.compile(model) if provider in COMPILED else model
 
     def step(x, y):
         # The autocast weight cache must be off while capturing (its casts would be freed outside
@@ -111,7 +122,7 @@ def prepare_step(provider: str, layout: str, batch: int, dtype: str, size: int, 
     warmup_s = time.perf_counter() - start
     if not math.isfinite(loss.item()):
         raise RuntimeError(f"the loss is {loss.item()} after {warmup_steps} warm-up steps")
-    return Step(run, warmup_s, note)
+    return Step(run, warmup_s, note, logits)
 
 
 def selection(cfg) -> dict:
@@ -171,12 +182,12 @@ def run(cfg, env: dict, save=None) -> list[dict]:
     rows = []
     for batch in sel["batches"]:
         for dtype in sel["dtypes"]:
-            auto_ms = {}
+            auto_ms, eager = {}, {}  # eager: the reference logits, from the first eager row
             for provider, layout in _order(sel, batch, dtype, compiled, compile_batch, compile_dtype):
                 if layout == "best":
                     layout = min(auto_ms, key=auto_ms.get) if auto_ms else sel["layouts"][0]
                 with precision(dtype):
-                    row = _measure(provider, layout, batch, dtype, sel, device, env)
+                    row = _measure(provider, layout, batch, dtype, sel, device, env, eager)
                 if provider == "auto" and row["status"] == "ok":
                     auto_ms[layout] = row["ms"]
                 rows.append(row)
@@ -201,7 +212,9 @@ def _order(sel, batch, dtype, compiled, compile_batch, compile_dtype):
             yield provider, layout
 
 
-def _measure(provider, layout, batch, dtype, sel, device, env) -> dict:
+def _measure(provider, layout, batch, dtype, sel, device, env, eager: dict) -> dict:
+    """One step row. ``eager`` holds the reference logits once an eager row has computed them
+    (its first call stores them there); without them the row is not compared."""
     size = sel["size"]
     row = make_row(env, kernel="train_step", provider=provider, mode="train", shape=f"{batch}x3x{size}x{size}",
                    dtype=dtype, layout=layout, op="alexnet")
@@ -212,7 +225,12 @@ def _measure(provider, layout, batch, dtype, sel, device, env) -> dict:
     except Exception as e:  # a provider that cannot run is reported, never fatal
         row["status"], row["note"] = error_status(e)
         return row
-    row.update(status="ok", ms=timing.ms, ms_p20=timing.p20, ms_p80=timing.p80, method=timing.method,
-               images_per_s=batch / timing.ms * 1e3, peak_mb=peak, note=step.note,
+    if provider == "eager":
+        eager.setdefault("logits", step.logits)
+    check = sanity(rel_diff(step.logits, eager["logits"]), dtype) if "logits" in eager else {
+        "status": "ok", "note": "not compared: no eager row in this run"}
+    note = "; ".join(n for n in (step.note, check.pop("note")) if n)
+    row.update(**check, ms=timing.ms, ms_p20=timing.p20, ms_p80=timing.p80, method=timing.method,
+               images_per_s=batch / timing.ms * 1e3, peak_mb=peak, note=note,
                compile_s=step.warmup_s if provider in COMPILED else None)
     return row

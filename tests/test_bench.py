@@ -218,6 +218,32 @@ def test_train_step_arguments():
         bench_step.prepare_step("eager", "nchw", 2, "fp16", TINY, "cpu")
 
 
+def test_step_rows_are_checked_against_eager(monkeypatch):
+    """A provider whose model computes other logits than eager's is flagged, not timed as if it
+    were right: here auto's fused LRN->max-pool loses its LRN."""
+    from alexnet_fast import model as model_module
+
+    real = model_module.ops.lrn_max_pool2d
+
+    def without_lrn(x, size, alpha, beta, k, kernel_size, stride, backend=None):
+        if backend == "torch":
+            return real(x, size, alpha, beta, k, kernel_size, stride, backend=backend)
+        return model_module.ops.max_pool2d(x, kernel_size, stride, backend=backend)
+
+    cfg = bench.BenchConfig(device="cpu", quick=True, batch=1, image_size=TINY, providers=("eager", "auto"),
+                            layouts=("nchw",))
+    rows = bench_step.run(cfg, ENV)
+    assert [(r["provider"], r["status"]) for r in rows] == [("eager", "ok"), ("auto", "ok")]
+    assert rows[0]["rel_err"] == 0 and rows[1]["rel_err"] < bench.SANITY_TOL["fp32"]
+    monkeypatch.setattr(model_module.ops, "lrn_max_pool2d", without_lrn)
+    rows = bench_step.run(cfg, ENV)
+    assert [(r["provider"], r["status"]) for r in rows] == [("eager", "ok"), ("auto", "mismatch")]
+    assert "differs from eager" in rows[1]["note"]
+    rows = bench_step.run(bench.BenchConfig(device="cpu", quick=True, batch=1, image_size=TINY,
+                                            providers=("auto",), layouts=("nchw",)), ENV)
+    assert rows[0]["status"] == "ok" and rows[0]["note"] == "not compared: no eager row in this run"
+
+
 # ---------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------

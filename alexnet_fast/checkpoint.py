@@ -35,10 +35,12 @@ def save_checkpoint(path: str, state: dict) -> None:
     if missing:
         raise ValueError(f"state is missing {missing} (a training checkpoint holds {REQUIRED_KEYS})")
     payload = {"format": FORMAT, "version": VERSION, **state}
-    _write_atomic(path, lambda f: torch.save(payload, f))
+    write_atomic(path, lambda f: torch.save(payload, f))
 
 
-def _write_atomic(path: str, write) -> None:
+def write_atomic(path: str, write) -> None:
+    """Call ``write(f)`` on a temporary binary file next to ``path``, flush it to disk and rename
+    it over ``path``: readers see the old file or the new one, never a part."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)

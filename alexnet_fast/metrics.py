@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 
@@ -55,21 +56,23 @@ def topk_accuracies(logits: torch.Tensor, targets: torch.Tensor, ks=TOPK) -> dic
 class MetricsLog:
     """``metrics.csv`` and ``metrics.jsonl`` in ``out_dir``, one row per epoch.
 
-    ``start(history)`` rewrites both files with the rows of ``history`` (empty for a new run, the
-    checkpoint's rows when resuming, so rows of a longer interrupted run never linger), and
-    ``append(row)`` adds one epoch."""
+    ``start(history)`` rewrites both files, atomically, with the rows of ``history`` (empty for a
+    new run, the checkpoint's rows when resuming, so rows of a longer interrupted run never
+    linger), and ``append(row)`` adds one epoch."""
 
     def __init__(self, out_dir: str):
         self.csv_path = os.path.join(out_dir, "metrics.csv")
         self.jsonl_path = os.path.join(out_dir, "metrics.jsonl")
 
     def start(self, history: list[dict]) -> None:
-        with open(self.csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
-            writer.writeheader()
-            writer.writerows(history)
-        with open(self.jsonl_path, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in history)
+        from alexnet_fast.checkpoint import write_atomic
+
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+        write_atomic(self.csv_path, lambda f: f.write(text.getvalue().encode()))
+        write_atomic(self.jsonl_path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in history).encode()))
 
     def append(self, row: dict) -> None:
         with open(self.csv_path, "a", newline="") as f:

@@ -323,16 +323,18 @@ def load_rows(path) -> list[dict]:
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            missing = [k for k in (*KEY, "status", "ms") if k not in (reader.fieldnames or ())]
-            if missing:
-                raise ResultsError(f"{path} is not a results CSV of alexnet-fast bench: it has no {missing} columns")
-            return [{k: _parse(k, v) for k, v in row.items()} for row in reader]
+            rows = list(reader)
     except UnicodeDecodeError:
         raise ResultsError(f"{path} is not a results CSV of alexnet-fast bench: not UTF-8 text") from None
-    except (ValueError, csv.Error) as e:
-        if isinstance(e, ResultsError):
-            raise
-        raise ResultsError(f"{path} is a damaged results CSV (line {reader.line_num}): {e}") from None
+    except csv.Error as e:
+        raise ResultsError(f"{path} is a damaged results CSV: {e}") from None
+    missing = [k for k in (*KEY, "status", "ms") if k not in (reader.fieldnames or ())]
+    if missing:
+        raise ResultsError(f"{path} is not a results CSV of alexnet-fast bench: it has no {missing} columns")
+    try:
+        return [{k: _parse(k, v) for k, v in row.items()} for row in rows]
+    except ValueError as e:  # a number that is not one
+        raise ResultsError(f"{path} is a damaged results CSV: {e}") from None
 
 
 def upsert_csv(path, rows) -> list[dict]:
@@ -725,15 +727,12 @@ def merge_command(args) -> int:
 
 def _writable_folder(out) -> bool:
     """Create ``out`` if needed; False (with the error printed) when it cannot hold results."""
-    try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"error: --out {out} cannot be created: {e.strerror or e}", file=sys.stderr)
-        return False
-    if not os.access(out, os.W_OK | os.X_OK):
-        print(f"error: --out {out} is not writable", file=sys.stderr)
-        return False
-    return True
+    from alexnet_fast.checkpoint import make_writable_folder
+
+    problem = make_writable_folder(str(out))
+    if problem:
+        print(f"error: --out {out} {problem}", file=sys.stderr)
+    return problem is None
 
 
 def run_command(args) -> int:

@@ -38,6 +38,18 @@ def save_checkpoint(path: str, state: dict) -> None:
     write_atomic(path, lambda f: torch.save(payload, f))
 
 
+def make_writable_folder(path: str) -> str | None:
+    """Create the folder ``path`` (with its parents) if needed; None when files can be written
+    there, else what is wrong (to follow the path in a message)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        return f"cannot be created: {e.strerror or e}"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "is not writable"
+    return None
+
+
 def write_atomic(path: str, write) -> None:
     """Call ``write(f)`` on a temporary binary file next to ``path``, flush it to disk and rename
     it over ``path``: readers see the old file or the new one, never a part."""

@@ -482,13 +482,12 @@ def _check_out_dir(out: str, resumed_epoch: int | None, overwrite: bool) -> bool
                 f"({', '.join(os.path.basename(p) for p in newer)}); resume from last.pt, pass "
                 f"--overwrite to replace them, or choose another --out"
             )
+    from alexnet_fast.checkpoint import make_writable_folder
+
     created = not os.path.exists(out)
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out} cannot be created: {e.strerror or e}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out} is not writable")
+    problem = make_writable_folder(out)
+    if problem:
+        raise ConfigError(f"--out {out} {problem}")
     return created
 
 

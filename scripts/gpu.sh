@@ -15,6 +15,7 @@
 #   RESULTS_DIR   logs and results (default gpu-results/); the last lines printed are a summary
 #   BENCH_DTYPES  dtypes of the per-op benchmark (default "bf16 fp32 tf32 fp16")
 #   BENCH_ARGS    further narrowing of the per-op benchmark (e.g. "--layout nhwc --mode fwd+bwd")
+#   STEP_ARGS     narrowing of the training-step benchmark (e.g. "--batch-size 128")
 #   TEST_TIMEOUT  seconds that bound the test stage; TEST_PROCS its pytest-xdist processes
 #   GPU_LANES     GPUs to spread the jobs over (default: all that torch sees)
 # The test stage runs the GPU tests only (the CPU ones run in CI) and prints one line per test;
@@ -26,6 +27,7 @@ RESULTS_DIR=${RESULTS_DIR:-gpu-results}
 STAGES=${*:-build test sanitize step ops train}
 BENCH_DTYPES=${BENCH_DTYPES:-bf16 fp32 tf32 fp16}
 BENCH_ARGS=${BENCH_ARGS:-}
+STEP_ARGS=${STEP_ARGS:-}
 mkdir -p "$RESULTS_DIR"
 RESULTS_DIR=$(cd "$RESULTS_DIR" && pwd)
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -75,7 +77,8 @@ job_sanitize() {
 }
 
 job_step() {
-  $PY -m alexnet_fast.cli bench --train-step --no-plots --out "$RESULTS_DIR/bench-step" >"$RESULTS_DIR/step.log" 2>&1
+  # shellcheck disable=SC2086
+  $PY -m alexnet_fast.cli bench --train-step $STEP_ARGS --no-plots --out "$RESULTS_DIR/bench-step" >"$RESULTS_DIR/step.log" 2>&1
   record step "exit $?"
 }
 

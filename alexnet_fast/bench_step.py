@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from alexnet_fast.bench import (Skipped, error_status, format_row, make_row, peak_memory_mb, precision, rel_diff,
                                 sanity, synchronize, time_fn)
 from alexnet_fast.model import INPUT_SIZE, AlexNet
+from alexnet_fast.step import GraphedStep, train_step
 from alexnet_fast.train import make_sgd
 
 STEP_PROVIDERS = ("eager", "compile", "auto", "auto+compile", "auto+cudagraph")
@@ -78,46 +79,23 @@ def prepare_step(provider: str, layout: str, batch: int, dtype: str, size: int, 
     model.train()
     forward = torch.compile(model) if provider in COMPILED else model
 
-    def step(x, y):
-        # The autocast weight cache must be off while capturing (its casts would be freed outside
-        # the graph's memory pool).
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp, cache_enabled=not graphed):
-            loss = F.cross_entropy(forward(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-
-    order = itertools.cycle(range(NUM_BATCHES))
-    start = time.perf_counter()
+    amp_dtype = torch.bfloat16 if amp else None
     if graphed:
-        static_x, static_y = images[0].clone(), labels[0].clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup_steps):
-                step(static_x, static_y)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        opt.zero_grad(set_to_none=True)  # backward allocates the gradients inside the graph's pool
-        with torch.cuda.graph(graph):
-            static_loss = step(static_x, static_y)
-
-        def run():
-            i = next(order)
-            static_x.copy_(images[i])
-            static_y.copy_(labels[i])
-            graph.replay()
-            return static_loss
-        loss = run()
+        stepper = GraphedStep(forward, opt, F.cross_entropy, amp_dtype, warmup=warmup_steps)
         note = "whole step replayed from one CUDA graph"
     else:
-        def run():
-            i = next(order)
-            return step(images[i], labels[i])
-        for _ in range(warmup_steps):
-            loss = run()
+        def stepper(x, y):
+            return train_step(forward, opt, F.cross_entropy, x, y, amp_dtype)
         note = ""
+    order = itertools.cycle(range(NUM_BATCHES))
+
+    def run():
+        i = next(order)
+        return stepper(images[i], labels[i])[0]
+
+    start = time.perf_counter()
+    for _ in range(warmup_steps + graphed):  # the graphed step captures on its last warm-up call
+        loss = run()
     synchronize(device)
     warmup_s = time.perf_counter() - start
     if not math.isfinite(loss.item()):

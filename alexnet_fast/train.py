@@ -55,6 +55,9 @@ PLATEAU = dict(mode="max", factor=0.1, patience=5)
 TIMING_WARMUP = 3
 # Steps between progress-bar updates, the only host synchronizations inside an epoch.
 LOG_EVERY = 25
+# Eager steps before a --cuda-graph run captures its step: the capture falls on the last step that
+# the epoch's timing leaves out.
+GRAPH_WARMUP = TIMING_WARMUP - 1
 
 
 class ConfigError(ValueError):
@@ -85,6 +88,7 @@ class TrainConfig:
     out: str | None = None  # None: write no files
     keep_checkpoints: int = 3  # epoch_NNN.pt files kept (the newest); 0 keeps all
     progress: bool = True
+    cuda_graph: bool = False  # replay the training step from a CUDA graph (alexnet_fast.step)
 
 
 # Presets applied under explicit flags. "fast" is for a GPU: 4x the seed's batch with the
@@ -94,7 +98,11 @@ RECIPES = {
     "fast": {"batch_size": 256, "lr": 4e-3, "amp": "bf16", "channels_last": True},
 }
 # What a resumed run may change; anything else must match the checkpoint's config.
-RESUME_MUTABLE = ("epochs", "out", "backend", "compile", "device", "keep_checkpoints", "progress", "data_dir")
+RESUME_MUTABLE = ("epochs", "out", "backend", "compile", "device", "keep_checkpoints", "progress", "data_dir",
+                  "cuda_graph")
+# Settings added after the checkpoint format was fixed: a checkpoint without them ran with their
+# defaults.
+ADDED_SETTINGS = ("cuda_graph",)
 
 
 @dataclass
@@ -237,6 +245,7 @@ def train_epoch_classification(
     desc="Train",
     progress=True,
     step_losses=None,
+    step=None,
 ) -> dict:
     """Train ``model`` for one pass over ``dataloader``; returns ``{"loss", "acc1", "acc3",
     "acc5", "images", "images_per_s", "ms_per_step"}`` (accuracies in percent, all-reduced
@@ -245,8 +254,12 @@ def train_epoch_classification(
     ``amp``: "off"/False, "bf16"/True or "fp16" (which uses ``scaler``, a GradScaler created here
     when not given). Losses and accuracies are accumulated on the device; the host synchronizes
     only every ``LOG_EVERY`` steps (fewer in short epochs) for the progress bar and at the end.
-    ``step_losses``, a list, receives every step's loss (as a 0-d tensor).
+    ``step_losses``, a list, receives every step's loss (as a 0-d tensor). ``step``, when given,
+    runs each training step instead of :func:`alexnet_fast.step.train_step`: a callable
+    ``(x, y) -> (loss, logits)`` such as a :class:`alexnet_fast.step.GraphedStep`.
     """
+    from alexnet_fast.step import train_step
+
     device = _device_of(model, device)
     dtype = amp_dtype(amp)
     if dtype is torch.float16 and scaler is None:
@@ -257,26 +270,19 @@ def train_epoch_classification(
     bar = _progress_bar(len(dataloader), desc, progress)
     log_every = max(1, min(LOG_EVERY, len(dataloader) // 4))
     last_time, last_images = time.perf_counter(), 0
-    for step, (x, y) in enumerate(dataloader):
+    for index, (x, y) in enumerate(dataloader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        timer.before_step(step, y.shape[0])
-        with _autocast(device, dtype):
-            logits = model(x)
-            loss = criterion(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        timer.before_step(index, y.shape[0])
+        if step is None:
+            loss, logits = train_step(model, optimizer, criterion, x, y, dtype, scaler)
         else:
-            loss.backward()
-            optimizer.step()
+            loss, logits = step(x, y)
         _accumulate(stats, loss, logits, y)
         if step_losses is not None:
-            step_losses.append(loss.detach())
-        timer.after_step(step, y.shape[0])
+            step_losses.append(loss.detach().clone())  # a graphed step's loss is overwritten by the next replay
+        timer.after_step(index, y.shape[0])
         bar.update(1)
-        if progress and (step + 1) % log_every == 0:
+        if progress and (index + 1) % log_every == 0:
             now, so_far = time.perf_counter(), _summary(stats)
             rate = (so_far["images"] - last_images) / (now - last_time)
             last_time, last_images = now, so_far["images"]
@@ -420,6 +426,11 @@ def _validate_config(config: TrainConfig) -> None:
             f"input_size must be at least {min_input_size()} (AlexNet's smallest input), got {config.input_size}",
         ),
         (config.out is None or config.out != "", "out must name a folder, got an empty string"),
+        (not (config.cuda_graph and config.compile), "cuda_graph and compile exclude each other: choose one"),
+        (
+            not (config.cuda_graph and config.amp == "fp16"),
+            "cuda_graph does not run with amp fp16 (its GradScaler needs the host every step); use amp bf16",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -527,6 +538,10 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
         )
     rank, world, local_rank = _process_info()
     device = _training_device(config, local_rank, world)
+    if config.cuda_graph and (device.type != "cuda" or world > 1):
+        raise ConfigError(
+            f"cuda_graph needs one process on a CUDA device, got {world} process(es) on {device}"
+        )
     started_group = False
     if world > 1:
         import torch.distributed as dist
@@ -597,6 +612,11 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
         if config.compile:
             train_model, eval_model = torch.compile(train_model), torch.compile(model)
         criterion = nn.CrossEntropyLoss()
+        graphed = None
+        if config.cuda_graph:
+            from alexnet_fast.step import GraphedStep
+
+            graphed = GraphedStep(train_model, optimizer, criterion, amp_dtype(config.amp), warmup=GRAPH_WARMUP)
         log = MetricsLog(out) if out is not None else None
         step_losses = []
         for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -614,6 +634,7 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
                 desc=f"epoch {epoch}/{config.epochs}",
                 progress=config.progress and main_process,
                 step_losses=step_losses,
+                step=graphed,
             )
             test_m = evaluate_classification(test_loader, eval_model, criterion, device, amp=config.amp)
             scheduler.step(test_m["acc1"])
@@ -730,13 +751,13 @@ def _resumed_config(
     folder defaults to the checkpoint's own (``RUN/last.pt`` or ``RUN/checkpoints/epoch_NNN.pt``),
     so a moved or copied run continues where it now is."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown, missing = set(saved) - names, names - set(saved)
+    unknown, missing = set(saved) - names, names - set(saved) - set(ADDED_SETTINGS)
     if unknown or missing:
         raise ConfigError(
             f"{path}: its config does not match this version's settings "
             f"(unknown: {sorted(unknown) or 'none'}; missing: {sorted(missing) or 'none'})"
         )
-    config = TrainConfig(**saved)
+    config = TrainConfig(**saved)  # settings added later keep their defaults
     config.out = _run_dir(path)
     if explicit is None:
         defaults = TrainConfig()
@@ -885,6 +906,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "each holds weights and momentum, about 470 MB)",
     )
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars (default on)")
+    p.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        help="replay each training step from a CUDA graph, so the host's kernel launches no longer "
+        "bound the loop (one GPU; not with --compile, --amp fp16 or torchrun; default off)",
+    )
     p.add_argument(
         "--recipe",
         choices=tuple(RECIPES),

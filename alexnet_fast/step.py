@@ -27,8 +27,10 @@ __all__ = ["train_step", "GraphedStep"]
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion, x: Tensor, y: Tensor,
                amp_dtype: torch.dtype | None = None, scaler=None, autocast_cache: bool = True) -> tuple[Tensor, Tensor]:
-    """One eager step of ``model`` on the batch ``(x, y)``; returns ``(loss, logits)``.
-    ``amp_dtype``: the autocast dtype, None for none; ``scaler``: a GradScaler (float16)."""
+    """One eager step of ``model`` on the batch ``(x, y)``; returns ``(loss, logits)``, detached
+    (a loss that held on to its autograd graph would keep the graph's gradient-accumulation nodes,
+    and their streams, alive into the next step). ``amp_dtype``: the autocast dtype, None for
+    none; ``scaler``: a GradScaler (float16)."""
     autocast = (torch.autocast(x.device.type, dtype=amp_dtype, cache_enabled=autocast_cache)
                 if amp_dtype is not None else contextlib.nullcontext())
     with autocast:
@@ -42,7 +44,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion, x:
     else:
         loss.backward()
         optimizer.step()
-    return loss, logits
+    return loss.detach(), logits.detach()
 
 
 class GraphedStep:

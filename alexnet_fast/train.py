@@ -279,7 +279,7 @@ def train_epoch_classification(
             loss, logits = step(x, y)
         _accumulate(stats, loss, logits, y)
         if step_losses is not None:
-            step_losses.append(loss.detach().clone())  # a graphed step's loss is overwritten by the next replay
+            step_losses.append(loss.clone())  # a graphed step's loss is overwritten by the next replay
         timer.after_step(index, y.shape[0])
         bar.update(1)
         if progress and (index + 1) % log_every == 0:

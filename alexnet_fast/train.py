@@ -557,8 +557,19 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
     same_run = out is not None and resume is not None and os.path.realpath(out) == os.path.realpath(_run_dir(resume))
     created_out, first_save = False, True
     try:
+        problem = None
         if out is not None:
-            created_out = _check_out_dir(out, ckpt["epoch"] if same_run else None, overwrite)
+            try:
+                created_out = _check_out_dir(out, ckpt["epoch"] if same_run else None, overwrite)
+            except (ConfigError, FileExistsError) as e:
+                problem = e
+        if world > 1:
+            # Rank 0 alone checks --out; the others must learn the outcome, or they would wait in
+            # their first collective until the launcher's timeout.
+            if _all_reduce_sum(torch.tensor([float(problem is not None)], device=device)).item() and problem is None:
+                problem = ConfigError(f"process {rank} stops: rank 0 could not use --out {config.out} (its error says why)")
+        if problem is not None:
+            raise problem
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 GEMMs, as cuDNN convs do

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_torchrun_two_processes_on_the_cpu(tmp_path):
+    """Two processes train, log once and checkpoint both RNG streams; a refused --out stops both."""
     out = tmp_path / "run"
     cmd = [
         sys.executable,
@@ -58,6 +59,13 @@ def test_torchrun_two_processes_on_the_cpu(tmp_path):
     ckpt = checkpoint.load_training_checkpoint(str(out / "last.pt"))
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])  # separate dropout streams
+
+    # The same command again: rank 0 refuses the folder that now holds a run, and every process
+    # stops with an error instead of waiting for rank 0 in its first collective.
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert again.returncode != 0
+    assert "already holds a training run" in again.stderr, again.stderr[-3000:]
+    assert "process 1 stops: rank 0 could not use --out" in again.stderr, again.stderr[-3000:]
     assert all(not k.startswith("module.") for k in ckpt["model"])
     assert sorted(os.listdir(out / "checkpoints")) == ["epoch_001.pt"]
 

@@ -448,13 +448,15 @@ def write_all(
     return written
 
 
-def check_pictures(model, n_test: int, projections, layers, image_index: int) -> None:
-    """Raise ValueError for :func:`write_all` arguments that cannot work with ``n_test`` test images."""
+def check_pictures(model, n_test: int, projections, layers, image_index: int, names=None) -> None:
+    """Raise ValueError for :func:`write_all` arguments that cannot work with ``n_test`` test images.
+    ``names`` maps "layers" and "image_index" to what the messages call them (a command's flags)."""
+    name = {"layers": "layers", "image_index": "image_index", **(names or {})}
     if not 0 <= image_index < n_test:
-        raise ValueError(f"image_index must be in [0, {n_test}) (the test images), got {image_index}")
+        raise ValueError(f"{name['image_index']} must be in [0, {n_test}) (the test images), got {image_index}")
     known = {idx for idx, _, _ in layer_stages(model)}
     if layers is not None and not set(layers) <= known:
-        raise ValueError(f"layers must be among the feature indices {sorted(known)}, got {sorted(layers)}")
+        raise ValueError(f"{name['layers']} must be among the feature indices {sorted(known)}, got {sorted(layers)}")
     if projections and n_test < 3:
         raise ValueError(f"projecting embeddings needs at least 3 test images, got {n_test}")
 
@@ -501,10 +503,10 @@ def _viz(args) -> int:
     test_loader = DeviceLoader(test_set, args.batch_size, train=False, **common)
     projections = ("tsne", "pca") if args.projection == "both" else (args.projection,)
     try:
-        check_pictures(model, len(test_set), projections, layers, args.image_index)
-    except ValueError as e:  # named as the flags are
-        message = str(e).replace("image_index", "--image-index").replace("layers must", "--layers must")
-        raise ConfigError(message) from None
+        check_pictures(model, len(test_set), projections, layers, args.image_index,
+                       names={"layers": "--layers", "image_index": "--image-index"})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for p in write_all(
         model, train_loader, test_loader, args.out, projections, layers, args.image_index, args.num_images
     ):

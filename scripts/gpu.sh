@@ -6,15 +6,19 @@
 #                                  (default: all but ddp; e.g. `scripts/gpu.sh build test`)
 #
 # After the build, the other stages are independent jobs. With one GPU they run one after another.
-# With several, they are dealt round-robin to the GPUs ("lanes", one CUDA_VISIBLE_DEVICES each)
-# and run side by side; the per-op benchmark becomes one job per dtype. Each benchmark job writes
-# its own CSV and they are merged into $RESULTS_DIR/<gpu>.csv at the end (`bench --merge`). Every
-# benchmark times on its own GPU, with CUDA events; a lane's neighbours only share the host.
+# With several, each GPU ("lane", one CUDA_VISIBLE_DEVICES each) takes the next job from a queue
+# whenever it is free, the longest jobs first, so the lanes finish close together; the per-op
+# benchmark becomes one job per dtype and kernel group. Each benchmark job writes its own CSV and
+# they are merged into $RESULTS_DIR/<gpu>.csv at the end (`bench --merge`). Every benchmark times
+# on its own GPU, with CUDA events; a lane's neighbours only share the host.
 #
 # Settings (environment):
 #   RESULTS_DIR   logs and results (default gpu-results/); the last lines printed are a summary
 #   BENCH_DTYPES  dtypes of the per-op benchmark (default "bf16 fp32 tf32 fp16")
 #   BENCH_ARGS    further narrowing of the per-op benchmark (e.g. "--layout nhwc --mode fwd+bwd")
+#   OPS_GROUPS    with several GPUs, the per-op jobs of each dtype: space-separated groups of
+#                 comma-separated kernels (default: the convolutions, and LRN with the pools;
+#                 "" for one job per dtype)
 #   STEP_ARGS     narrowing of the training-step benchmark (e.g. "--batch-size 128")
 #   TEST_TIMEOUT  seconds that bound the test stage; TEST_PROCS its pytest-xdist processes
 #   GPU_LANES     GPUs to spread the jobs over (default: all that torch sees)
@@ -27,6 +31,7 @@ RESULTS_DIR=${RESULTS_DIR:-gpu-results}
 STAGES=${*:-build test sanitize step ops train}
 BENCH_DTYPES=${BENCH_DTYPES:-bf16 fp32 tf32 fp16}
 BENCH_ARGS=${BENCH_ARGS:-}
+OPS_GROUPS=${OPS_GROUPS-conv1,conv2,conv3,conv4,conv5 lrn,max_pool2d,lrn_max_pool2d}
 STEP_ARGS=${STEP_ARGS:-}
 mkdir -p "$RESULTS_DIR"
 RESULTS_DIR=$(cd "$RESULTS_DIR" && pwd)
@@ -82,12 +87,12 @@ job_step() {
   record step "exit $?"
 }
 
-job_ops() {  # $1: the dtypes, comma-separated
-  local tag=${1//,/-}
+job_ops() {  # $1: the dtypes, comma-separated; $2: the kernels, comma-separated (empty: all)
+  local tag=${1//,/-}${2:+-${2%%,*}}  # e.g. bf16-conv1, fp32-lrn
   # shellcheck disable=SC2086
-  $PY -m alexnet_fast.cli bench --ops $BENCH_ARGS --dtype "$1" --no-plots --out "$RESULTS_DIR/bench-ops-$tag" \
-    >"$RESULTS_DIR/ops-$tag.log" 2>&1
-  record "ops $1" "exit $?"
+  $PY -m alexnet_fast.cli bench --ops $BENCH_ARGS --dtype "$1" ${2:+--kernels "$2"} --no-plots \
+    --out "$RESULTS_DIR/bench-ops-$tag" >"$RESULTS_DIR/ops-$tag.log" 2>&1
+  record "ops $1${2:+ $2}" "exit $?"
 }
 
 # The training loop's own speed (data pipeline and optimizer included), to set against the pure
@@ -107,7 +112,7 @@ run_job() {
     sanitize) job_sanitize ;;
     step) job_step ;;
     train) job_train ;;
-    ops:*) job_ops "${1#ops:}" ;;
+    ops:*) local spec=${1#ops:}; job_ops "${spec%%:*}" "${spec#*:}" ;;
   esac
 }
 
@@ -119,40 +124,59 @@ if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then IFS=, read -r -a devices <<<"$CUDA_V
 else devices=(); for ((i = 0; i < visible; i++)); do devices+=("$i"); done; fi
 lanes=${GPU_LANES:-$visible}
 [ "$lanes" -le "${#devices[@]}" ] || lanes=${#devices[@]}
+# The jobs, about longest first (a 2-GPU run measured the tests with the sanitizers at about 250
+# s, a per-op dtype at about 330 s, the step at B=128 at about 80 s). An ops job is
+# ops:DTYPES:KERNELS.
 jobs=()
-# test and sanitize share a lane: both are short, and the sanitizer wants a quiet GPU
+# test and sanitize share a job: both are short, and the sanitizer wants a quiet GPU
 if stage test && stage sanitize; then jobs+=("test+sanitize")
 elif stage test; then jobs+=(test)
 elif stage sanitize; then jobs+=(sanitize); fi
-stage step && jobs+=(step)
 if stage ops; then
   if [ "$lanes" -gt 1 ]; then
-    for d in $BENCH_DTYPES; do jobs+=("ops:$d"); done
+    read -r -a groups <<<"$OPS_GROUPS"
+    [ "${#groups[@]}" -gt 0 ] || groups=("")  # one job per dtype, every kernel
+    for group in "${groups[@]}"; do
+      for d in $BENCH_DTYPES; do
+        [[ $d == tf32 && -n $group && $group != *conv* ]] && continue  # TF32 is a convolution mode
+        jobs+=("ops:$d:$group")
+      done
+    done
   else
-    jobs+=("ops:$(echo "$BENCH_DTYPES" | tr ' ' ',')")
+    jobs+=("ops:$(echo "$BENCH_DTYPES" | tr ' ' ','):")
   fi
 fi
+stage step && jobs+=(step)
 stage train && jobs+=(train)
 
-run_lane() {  # $1: the GPU; then its jobs, in order. Call it in a subshell (it sets the GPU).
+QUEUE=$RESULTS_DIR/.jobs
+next_job() {  # prints the queue's first job and removes it; fails when the queue is empty
+  local job
+  until mkdir "$QUEUE.lock" 2>/dev/null; do sleep 0.1; done  # mkdir: an atomic lock
+  job=$(head -n 1 "$QUEUE")
+  sed -i 1d "$QUEUE"
+  rmdir "$QUEUE.lock"
+  [ -n "$job" ] && printf '%s\n' "$job"
+}
+
+run_lane() {  # $1: the GPU. Call it in a subshell (it sets the GPU).
   local job part
   export CUDA_VISIBLE_DEVICES=$1
-  shift
-  for job in "$@"; do
+  while job=$(next_job); do
+    echo "GPU $1: $job"
     for part in ${job//+/ }; do run_job "$part"; done
   done
 }
 
 if [ "${#jobs[@]}" -gt 0 ]; then
   start=$SECONDS
+  rm -rf "$QUEUE.lock"
+  printf '%s\n' "${jobs[@]}" >"$QUEUE"
   for ((lane = 0; lane < lanes; lane++)); do
-    mine=()
-    for ((i = lane; i < ${#jobs[@]}; i += lanes)); do mine+=("${jobs[i]}"); done
-    [ "${#mine[@]}" -gt 0 ] || continue
-    echo "GPU ${devices[lane]}: ${mine[*]}"
-    (run_lane "${devices[lane]}" "${mine[@]}") &
+    (run_lane "${devices[lane]}") &
   done
   wait
+  rm -f "$QUEUE"
   record jobs "${jobs[*]} on $lanes GPU(s) in $((SECONDS - start)) s"
 fi
 

@@ -10,14 +10,17 @@ import functools
 
 # op -> backends in order of preference, from measured benchmark results only.
 # CPU (fp32, B=2, 128x128 input, forward+backward, ms, PyTorch / our C++): PyTorch's oneDNN
-# convolutions beat our im2col GEMM (conv2 6.7 / 16.9) and its max-pool beats ours (96x30x30
-# 0.62 / 3.10, 256x14x14 0.15 / 1.71), so also the fused LRN->max-pool (4.14 / 6.14); our LRN is
-# about even (3.49 / 3.38, 1.99 / 2.11) and keeps its smaller saved state.
+# convolutions beat our im2col GEMM (conv2 6.7 / 16.9); our LRN is about even (3.49 / 3.38,
+# 1.99 / 2.11) and keeps its smaller saved state. Since our max-pool walks whole rows and
+# scatters its gradient plane by plane (2026-11-29), the fused LRN->max-pool beats PyTorch's LRN
+# then max-pool (6.42 / 4.60, 3.51 / 2.81; again 7.02 / 5.81, 3.80 / 3.05); the max-pool alone
+# still does not on the smaller planes (96x30x30 0.80 / 0.65, 256x14x14 0.25 / 0.66, 256x6x6
+# 0.06 / 0.17).
 CPU = {
     "conv2d_relu": ("torch",),
     "lrn": ("native", "torch"),
     "max_pool2d": ("torch",),
-    "lrn_max_pool2d": ("torch",),
+    "lrn_max_pool2d": ("native", "torch"),
 }
 
 

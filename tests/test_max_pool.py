@@ -2,7 +2,7 @@
 import pytest
 import torch
 from conftest import (assert_close, assert_layout, pool_by_indices, random_input,
-                      to_layout)
+                      skip_unless_available, to_layout)
 
 from alexnet_fast import backends, ops, reference
 
@@ -115,3 +115,24 @@ def test_max_pool_gradcheck_float64():
         pytest.skip(backends.availability("native", "cpu")[1])
     x = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)  # distinct values: no ties
     assert torch.autograd.gradcheck(lambda t: ops.max_pool2d(t, 3, 2, 1, True, backend="native"), (x,))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_backward_ignores_offsets_that_name_no_input(layout):
+    """The C++ backward adds a window's gradient only to the input element its offset names: an
+    offset past the window (255) or on the window's padding adds nothing, and writes nowhere
+    (the channels_last kernel gathers per pixel, the other scatters per plane)."""
+    skip_unless_available("native", "cpu")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 3, 9, 9).contiguous(memory_format=fmt)
+    nat = ops.kernels("native")
+    out, idx = nat.max_pool2d(x, [3, 3], [2, 2], [1, 1], False)
+    g = torch.randn_like(out)
+    bad = idx.clone()
+    bad[:, :, 0, 0] = 0  # row -1, column -1: the top-left window's padding corner
+    bad[:, :, 1, 2] = 255  # past the 3x3 window
+    got = nat.max_pool2d_backward(g, bad, [9, 9], [3, 3], [2, 2], [1, 1])
+    kept = g.clone()
+    kept[:, :, 0, 0] = 0
+    kept[:, :, 1, 2] = 0
+    assert torch.equal(got, nat.max_pool2d_backward(kept, idx, [9, 9], [3, 3], [2, 2], [1, 1]))

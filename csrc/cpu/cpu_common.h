@@ -82,8 +82,8 @@ struct WindowMax {
 };
 
 // grad_x[n, c, ih, iw] = sum of grad_out over the windows whose winner (indices) is (ih, iw),
-// summed in the order PyTorch's scatter adds them (oh, then ow). A gather: every element of grad_x
-// is written once, by one thread, whatever grad_x's layout. Defined in max_pool_cpu.cpp.
+// summed in the order PyTorch's scatter adds them (oh, then ow), whatever grad_x's layout; every
+// element of grad_x is written once, by one thread. Defined in max_pool_cpu.cpp.
 void max_pool2d_backward_into(const at::Tensor& grad_out, const at::Tensor& indices, at::Tensor& grad_x,
                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding);
 

@@ -40,8 +40,6 @@ from alexnet_fast.model import (ALEXNET_CONVS, INPUT_SIZE, LRN_PARAMS, POOL_PARA
 
 OP_PROVIDERS = ("eager", "cudnn_fused", "cudnn_s2d", "compile", "native", "triton", "auto")
 TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Normwise relative difference from eager (same dtype) above which a provider is flagged: far
-# above two correct implementations' rounding differences, far below a wrong result's ~1.
 MAX_INPUT_SETS = 8
 ROTATE_FACTOR = 2  # rotated inputs span at least this many L2 caches
 

@@ -22,7 +22,14 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-__all__ = ["train_step", "GraphedStep"]
+__all__ = ["autocast", "train_step", "GraphedStep"]
+
+
+def autocast(device_type: str, dtype: torch.dtype | None, cache_enabled: bool = True):
+    """``torch.autocast`` to ``dtype`` on ``device_type``; no autocast when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion, x: Tensor, y: Tensor,
@@ -31,9 +38,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion, x:
     (a loss that held on to its autograd graph would keep the graph's gradient-accumulation nodes,
     and their streams, alive into the next step). ``amp_dtype``: the autocast dtype, None for
     none; ``scaler``: a GradScaler (float16)."""
-    autocast = (torch.autocast(x.device.type, dtype=amp_dtype, cache_enabled=autocast_cache)
-                if amp_dtype is not None else contextlib.nullcontext())
-    with autocast:
+    with autocast(x.device.type, amp_dtype, autocast_cache):
         logits = model(x)
         loss = criterion(logits, y)
     optimizer.zero_grad(set_to_none=True)

@@ -31,6 +31,7 @@ from torch import nn
 
 from alexnet_fast.cli import positive_int
 from alexnet_fast.metrics import COLUMNS, TOPK, topk_accuracies, topk_correct
+from alexnet_fast.step import autocast, train_step
 
 __all__ = [
     "TrainConfig",
@@ -133,10 +134,6 @@ def make_sgd(params, device_type: str, lr: float, momentum: float, weight_decay:
     momentum; the foreach step makes three), foreach elsewhere."""
     step_kind = {"fused": True} if device_type == "cuda" else {"foreach": True}
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **step_kind)
-
-
-def _autocast(device: torch.device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _device_of(model: nn.Module, device) -> torch.device:
@@ -258,8 +255,6 @@ def train_epoch_classification(
     runs each training step instead of :func:`alexnet_fast.step.train_step`: a callable
     ``(x, y) -> (loss, logits)`` such as a :class:`alexnet_fast.step.GraphedStep`.
     """
-    from alexnet_fast.step import train_step
-
     device = _device_of(model, device)
     dtype = amp_dtype(amp)
     if dtype is torch.float16 and scaler is None:
@@ -310,7 +305,7 @@ def evaluate_classification(
     preds, labels, probs = [], [], []
     for x, y in _progress_iter(dataloader, "Eval", progress):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device, dtype):
+        with autocast(device.type, dtype):
             logits = model(x)
             loss = criterion(logits, y)
         _accumulate(stats, loss, logits, y)

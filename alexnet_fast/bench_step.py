@@ -31,7 +31,7 @@ from alexnet_fast.bench import (Skipped, error_status, format_row, make_row, pea
                                 sanity, synchronize, time_fn)
 from alexnet_fast.model import INPUT_SIZE, AlexNet
 from alexnet_fast.step import GraphedStep, train_step
-from alexnet_fast.train import make_sgd
+from alexnet_fast.train import keeps_autocast_copies, make_sgd
 
 STEP_PROVIDERS = ("eager", "compile", "auto", "auto+compile", "auto+cudagraph")
 STEP_DTYPES = ("bf16", "tf32", "fp32")
@@ -67,19 +67,20 @@ def prepare_step(provider: str, layout: str, batch: int, dtype: str, size: int, 
     with torch.device(device):  # initialise the 58M parameters where they live
         model = AlexNet(num_classes=NUM_CLASSES, backend=backend).to(memory_format=fmt).train()
     # SGD keeps no step counter on the device, so it needs no capturable flag to be captured.
-    opt = make_sgd(model.parameters(), device, **SGD_ARGS)
+    amp_dtype = torch.bfloat16 if dtype == "bf16" else None
+    opt = make_sgd(model.parameters(), device, **SGD_ARGS,
+                   autocast_dtype=keeps_autocast_copies(backend, device, amp_dtype, provider in COMPILED))
     gen = torch.Generator(device=device).manual_seed(seed)
     images = [torch.randn((batch, 3, size, size), generator=gen, device=device).contiguous(memory_format=fmt)
               for _ in range(NUM_BATCHES)]
     labels = [torch.randint(0, NUM_CLASSES, (batch,), generator=gen, device=device) for _ in range(NUM_BATCHES)]
-    amp = dtype == "bf16"
+    amp = amp_dtype is not None
     model.eval()
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
         logits = model(images[0]).float()
     model.train()
     forward = torch.compile(model) if provider in COMPILED else model
 
-    amp_dtype = torch.bfloat16 if amp else None
     if graphed:
         stepper = GraphedStep(forward, opt, F.cross_entropy, amp_dtype, warmup=warmup_steps)
         note = "whole step replayed from one CUDA graph"

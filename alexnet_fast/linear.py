@@ -5,13 +5,16 @@ weight, and its backward computes the weight and bias gradients in that dtype an
 them to float32: a pass over the gradient that costs AlexNet's fc6 (9216 x 4096) 0.11 ms per step
 on the H200, as much as its three matrix products. cuBLAS can write the float32 product of
 bfloat16 operands itself (``torch.mm(..., out_dtype=torch.float32)``), which drops the pass and
-a rounding of the gradient. The forward is autocast's: the same casts, the same product.
+a rounding of the gradient. The forward is autocast's: the same casts (served from the copies
+``alexnet_fast.optim.SGD`` keeps, when current), the same product.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from alexnet_fast import optim
 
 # out_dtype products (CUDA kernels only) arrived in torch 2.8; older versions cast afterwards.
 _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
@@ -26,10 +29,10 @@ def _float32_product(a: Tensor, b: Tensor) -> Tensor:
 class _AutocastLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, dtype):
-        x_low, w_low = x.to(dtype), weight.to(dtype)
+        x_low, w_low = x.to(dtype), optim.cast(weight, dtype)
         ctx.save_for_backward(x_low, w_low)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return F.linear(x_low, w_low, None if bias is None else bias.to(dtype))
+        return F.linear(x_low, w_low, None if bias is None else optim.cast(bias, dtype))
 
     @staticmethod
     def backward(ctx, grad):

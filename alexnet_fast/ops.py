@@ -15,7 +15,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from alexnet_fast import autograd, autotable, backends, reference, space_to_depth
+from alexnet_fast import autograd, autotable, backends, optim, reference, space_to_depth
 
 __all__ = ["conv2d_relu", "lrn", "max_pool2d", "lrn_max_pool2d"]
 
@@ -113,12 +113,13 @@ def _check_conv(x: Tensor, weight, bias, stride, padding):
 
 def _autocast(x: Tensor, weight: Tensor, bias):
     """Cast conv operands as autocast would for F.conv2d; the ops carry no Autocast kernel, so a
-    direct torch.ops call runs in the dtypes it is given."""
+    direct torch.ops call runs in the dtypes it is given. The parameters come from the copies
+    ``alexnet_fast.optim.SGD`` keeps, when current."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:  # autocast leaves float64 alone
         dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+        x, weight = x.to(dtype), optim.cast(weight, dtype)
+        bias = optim.cast(bias, dtype) if bias is not None else None
     return x, weight, bias
 
 

@@ -129,11 +129,27 @@ def amp_dtype(amp) -> torch.dtype | None:
     return _AMP_DTYPES[amp]
 
 
-def make_sgd(params, device_type: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+def make_sgd(params, device_type: str, lr: float, momentum: float, weight_decay: float,
+             autocast_dtype: torch.dtype | None = None) -> torch.optim.SGD:
     """SGD with the step in one fused kernel on CUDA (one pass over parameters, gradients and
-    momentum; the foreach step makes three), foreach elsewhere."""
+    momentum; the foreach step makes three), foreach elsewhere. With ``autocast_dtype``,
+    :class:`alexnet_fast.optim.SGD`, whose pass also writes the parameters' copies in that dtype
+    for our ops (the model must run a backend other than ``torch``, uncompiled, to use them)."""
+    if autocast_dtype is not None:
+        from alexnet_fast.optim import SGD
+
+        return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, autocast_dtype=autocast_dtype)
     step_kind = {"fused": True} if device_type == "cuda" else {"foreach": True}
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **step_kind)
+
+
+def keeps_autocast_copies(backend: str, device_type: str, amp_dtype: torch.dtype | None,
+                          compiled: bool) -> torch.dtype | None:
+    """The ``autocast_dtype`` of :func:`make_sgd` for a model of ``backend``: the autocast dtype
+    where our ops cast the weights every step, None where nothing would read the copies (PyTorch's
+    own ops; no autocast; torch.compile, under which the ops always cast; the CPU, where ``auto``
+    runs PyTorch's convolutions and Linears)."""
+    return None if backend == "torch" or compiled or device_type != "cuda" else amp_dtype
 
 
 def _device_of(model: nn.Module, device) -> torch.device:
@@ -594,7 +610,8 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
         model = AlexNet(num_classes=len(train_set.classes), backend=config.backend).to(device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = make_sgd(model.parameters(), device.type, config.lr, config.momentum, config.weight_decay)
+        optimizer = make_sgd(model.parameters(), device.type, config.lr, config.momentum, config.weight_decay,
+                             keeps_autocast_copies(config.backend, device.type, amp_dtype(config.amp), config.compile))
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **PLATEAU)
         scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
         # Dropout streams differ per process; the parameters are the same on every rank.

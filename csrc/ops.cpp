@@ -79,4 +79,12 @@ TORCH_LIBRARY(alexnet_fast, m) {
   m.def(
       "lrn_max_pool2d_backward(Tensor grad_out, Tensor x, Tensor indices, int size, float alpha, "
       "float beta, float k, int[2] kernel_size, int[2] stride) -> Tensor");
+
+  // PyTorch's SGD step (torch.optim.SGD's arithmetic) over float32 parameters, which also writes
+  // each parameter's bfloat16/float16 copy (copies: empty for none; momentum_buffers: empty
+  // without momentum). first_step: the buffers are set to the gradient (csrc/sgd.h).
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] copies, "
+      "float lr, float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, "
+      "bool first_step) -> ()");
 }

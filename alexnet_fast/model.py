@@ -87,8 +87,14 @@ class ConvReLU(_BackendModule):
         super().__init__(backend)
         self.net = nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, padding))
 
-    def forward(self, x):
+    def forward(self, x, lrn_pool: bool = False):
+        """relu(conv(x)); with ``lrn_pool``, followed by the seed's LRN and max-pool in one op
+        (``ops.conv2d_relu_lrn_max_pool2d``, as :meth:`AlexNet.features_forward` runs it)."""
         conv = self.net[0]
+        if lrn_pool:
+            return ops.conv2d_relu_lrn_max_pool2d(x, conv.weight, conv.bias, conv.stride, conv.padding, **LRN_PARAMS,
+                                                  kernel_size=POOL_PARAMS["kernel_size"],
+                                                  pool_stride=POOL_PARAMS["stride"], backend=self.backend)
         return ops.conv2d_relu(x, conv.weight, conv.bias, conv.stride, conv.padding, backend=self.backend)
 
 
@@ -181,10 +187,23 @@ class AlexNet(nn.Module):
             if isinstance(m, _BackendModule):
                 m.backend = name
 
+    def features_forward(self, x):
+        """``self.features(x)``, where a convolution and the LRN->max-pool after it (of the same
+        backend) run as one op, ``ConvReLU(x, lrn_pool=True)``: its backward saves a pass."""
+        layers = list(self.features)
+        i = 0
+        while i < len(layers):
+            layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+            fused = (isinstance(layer, ConvReLU) and isinstance(after, LRNMaxPool) and after.lrn
+                     and after.backend == layer.backend)
+            x = layer(x, lrn_pool=True) if fused else layer(x)
+            i += 2 if fused else 1
+        return x
+
     def forward(self, x):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"x must be an (N, 3, H, W) image batch, got shape {tuple(x.shape)}")
-        return self.classifier(self.avgpool(self.features(x)))
+        return self.classifier(self.avgpool(self.features_forward(x)))
 
 
 _PREFIXES = ("module.", "_orig_mod.")

@@ -167,6 +167,67 @@ def conv2d_relu_cudnn_s2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride
     return space_to_depth.conv2d_relu(x, weight, bias, stride, padding, stride1, output_memory_format(x))
 
 
+class ConvReLULRNMaxPool(torch.autograd.Function):
+    """``lrn_max_pool2d(conv2d_relu_cudnn(x, weight, bias))`` on the native ops, as one autograd
+    node. Its backward passes the gradient through the pool, the LRN and the ReLU and sums it per
+    channel (the bias gradient) in one pass (``lrn_max_pool2d_backward_relu``), and cuDNN's input
+    and weight gradients take the result as it is. The two ops apart pass the full-resolution
+    gradient through memory once more: ``conv2d_relu_cudnn_backward``'s mask and bias pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, lrn_args, pool_args):
+        ns = torch.ops.alexnet_fast
+        out = ns.conv2d_relu_cudnn(x, weight, bias, stride, padding)
+        pooled, indices = ns.lrn_max_pool2d(out, *lrn_args, *pool_args)
+        ctx.save_for_backward(x, weight, out, indices)
+        ctx.args = (stride, padding, lrn_args, pool_args, bias is not None)
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, out, indices = ctx.saved_tensors
+        stride, padding, lrn_args, pool_args, has_bias = ctx.args
+        dz, bias_grad = torch.ops.alexnet_fast.lrn_max_pool2d_backward_relu(grad, out, indices, *lrn_args, *pool_args)
+        fmt = output_memory_format(x)  # cuDNN's layout, as conv2d_relu_cudnn_backward gives it
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            dz, x.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt), None, stride, padding, [1, 1],
+            False, [0, 0], 1, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        return gx, gw, bias_grad if has_bias else None, None, None, None, None
+
+
+def conv2d_relu_lrn_max_pool2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+                               size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
+                               kernel_size=3, pool_stride=2, backend: str | None = None) -> Tensor:
+    """``lrn_max_pool2d(conv2d_relu(x, weight, bias, stride, padding), size, alpha, beta, k,
+    kernel_size, pool_stride)``: AlexNet's conv1 and conv2 with what follows them. Where the
+    backend runs the convolution through cuDNN (``auto`` on the GPU) and the LRN->max-pool
+    through the native kernels, the two run as :class:`ConvReLULRNMaxPool`, whose backward saves
+    a pass over the gradient; elsewhere, and under torch.compile, as the two ops."""
+    if not torch.compiler.is_compiling():
+        _check_input(x)
+        conv_stride, conv_padding = _check_conv(x, weight, bias, stride, padding)
+        shape_key = autotable.conv_key(x.shape[1], weight.shape[0], weight.shape[-2:], conv_stride)
+        conv_name = backends.resolve(backend, "conv2d_relu", x.device.type, shape_key)
+        if conv_name in backends.CONV_ONLY and backends.resolve(backend, "lrn_max_pool2d", x.device.type) == "native":
+            _check_lrn(size, alpha, beta, k)
+            conv_out = torch.empty(conv_out_shape(x, weight, conv_stride, conv_padding), device="meta")
+            pool_kernel, pool_step, _ = _check_pool(conv_out, kernel_size, pool_stride, 0, False)
+            lrn_args = (int(size), float(alpha), float(beta), float(k))
+            pool_args = (list(pool_kernel), list(pool_step))
+            x, weight, bias = _autocast(x, weight, bias)
+            if conv_name == "cudnn":
+                return ConvReLULRNMaxPool.apply(x, weight, bias, list(conv_stride), list(conv_padding), lrn_args,
+                                                pool_args)
+
+            def stride1(blocks, blocked_weight, bias):
+                return ConvReLULRNMaxPool.apply(blocks, blocked_weight, bias, [1, 1], [0, 0], lrn_args, pool_args)
+
+            return space_to_depth.conv2d_relu(x, weight, bias, conv_stride, conv_padding, stride1,
+                                              output_memory_format(x))
+    out = conv2d_relu(x, weight, bias, stride, padding, backend=backend)
+    return lrn_max_pool2d(out, size, alpha, beta, k, kernel_size, pool_stride, backend=backend)
+
+
 def lrn(x: Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
         backend: str | None = None) -> Tensor:
     """``torch.nn.functional.local_response_norm`` over channels (alpha is divided by size)."""
@@ -288,6 +349,10 @@ def _register_native() -> None:
     @reg(lib + "lrn_max_pool2d_backward")
     def _(grad_out, x, indices, size, alpha, beta, k, kernel_size, stride):
         return torch.empty_like(x, memory_format=output_memory_format(x))
+
+    @reg(lib + "lrn_max_pool2d_backward_relu")
+    def _(grad_out, x, indices, size, alpha, beta, k, kernel_size, stride):
+        return torch.empty_like(x, memory_format=output_memory_format(x)), x.new_empty((x.shape[1],))
 
     autograd.register(torch.ops.alexnet_fast)
     autograd.register_cudnn_conv(torch.ops.alexnet_fast)

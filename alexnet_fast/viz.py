@@ -286,7 +286,7 @@ def get_embeddings(model, dataloader, device=None):
     model.eval()
     embeddings, labels = [], []
     for x, y in dataloader:
-        feats = model.avgpool(model.features(x.to(device, dtype)))
+        feats = model.avgpool(model.features_forward(x.to(device, dtype)))
         embeddings.append(torch.flatten(feats, 1).float().cpu())
         labels.append(y.cpu())
     return torch.cat(embeddings).numpy(), torch.cat(labels).numpy()

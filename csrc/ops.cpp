@@ -79,6 +79,12 @@ TORCH_LIBRARY(alexnet_fast, m) {
   m.def(
       "lrn_max_pool2d_backward(Tensor grad_out, Tensor x, Tensor indices, int size, float alpha, "
       "float beta, float k, int[2] kernel_size, int[2] stride) -> Tensor");
+  // For x = relu(z): lrn_max_pool2d_backward passed back through the ReLU (zero where x <= 0)
+  // and its sum per channel, i.e. (grad z, grad of a bias added to z), in one pass on CUDA
+  // (channels_last), so that a convolution's backward can take them as they are.
+  m.def(
+      "lrn_max_pool2d_backward_relu(Tensor grad_out, Tensor x, Tensor indices, int size, float alpha, "
+      "float beta, float k, int[2] kernel_size, int[2] stride) -> (Tensor, Tensor)");
 
   // PyTorch's SGD step (torch.optim.SGD's arithmetic) over float32 parameters, which also writes
   // each parameter's bfloat16/float16 copy (copies: empty for none; momentum_buffers: empty

@@ -141,6 +141,13 @@ def check_lrn_max_pool(ops, dtype, layout, shape, size, kernel, stride):
         ops.lrn_max_pool2d_backward(g, x, idx, size, *LRN, list(kernel), list(stride)), gref),
         TOLERANCE[dtype]))
 
+    def through_relu():  # x is a ReLU output: the gradient masked where x <= 0, and its channel sums
+        dz, bias_grad = ops.lrn_max_pool2d_backward_relu(g, x, idx, size, *LRN, list(kernel), list(stride))
+        masked = gref * (x64.detach() > 0)
+        return max(rel_error(dz, masked), rel_error(bias_grad, masked.sum((0, 2, 3)), normwise=True)), TOLERANCE[dtype]
+
+    run("lrn_max_pool2d_backward_relu", what, through_relu)
+
 
 def check_conv(ops, dtype, layout, shape, c_out, kernel, stride, padding):
     x, x64 = cuda_input(shape, dtype, layout)
@@ -176,6 +183,21 @@ def check_conv(ops, dtype, layout, shape, c_out, kernel, stride, padding):
     run("conv2d_relu_cudnn_backward", what, cudnn_grads)
 
 
+def check_sgd(ops, numel, offset):
+    """sgd_step_ with momentum and the bf16 copies: vectorised (offset 0) and scalar (offset 1)."""
+    gen = torch.Generator().manual_seed(numel)
+    p64, g64, buf64 = (torch.randn(numel + offset, dtype=torch.float64, generator=gen) for _ in range(3))
+    p, g, buf = (t.float().cuda()[offset:] for t in (p64, g64, buf64))
+    low = torch.empty(numel + offset, dtype=torch.bfloat16, device="cuda")[offset:]
+    lr, wd, momentum = 0.05, 5e-4, 0.9
+    ops.sgd_step_([p], [g], [buf], [low], lr, wd, momentum, 0.0, False, False, False)
+    d = g64[offset:] + wd * p64[offset:]
+    ref = p64[offset:] - lr * (momentum * buf64[offset:] + d)
+    torch.cuda.synchronize()
+    run("sgd_step_", f"numel={numel} offset={offset} parameter", lambda: (rel_error(p, ref), TOLERANCE[torch.float32]))
+    run("sgd_step_", f"numel={numel} offset={offset} bf16 copy", lambda: (rel_error(low, ref), TOLERANCE[torch.bfloat16]))
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -195,6 +217,8 @@ def main() -> int:
                 check_lrn_max_pool(ops, dtype, layout, *case)
             for case in CONV_CASES:
                 check_conv(ops, dtype, layout, *case)
+    for numel, offset in ((4099, 0), (1001, 1)):
+        check_sgd(ops, numel, offset)
     print(f"{failures} failed" if failures else "all ops ok", flush=True)
     return 1 if failures else 0
 

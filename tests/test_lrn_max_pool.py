@@ -85,3 +85,84 @@ def test_lrn_max_pool_gradcheck_float64():
     x = torch.randn(1, 6, 7, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda t: ops.lrn_max_pool2d(t, 3, 0.3, 0.75, 1.0, 3, 2, backend="native"), (x,))
+
+
+RELU_CUDA_CASES = CUDA_CASES + [((2, 16, 11, 9), 5, (3, 3), (2, 2))]
+
+
+@pytest.mark.parametrize("backend", ["native"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_through_relu(backend, device, dtype, layout):
+    """lrn_max_pool2d_backward_relu: for x = relu(z) (zeros, so ties and a mask that matters), the
+    gradient of z (lrn_max_pool2d's input gradient, zero where x <= 0) against the float64
+    reference, and its per-channel sum against the float64 sum of what the op wrote."""
+    from conftest import skip_unless_available
+
+    skip_unless_available(backend, device)
+    impl = ops.kernels(backend)
+    lrn = PARAMS[0]
+    for shape, size, kernel, stride in CPU_CASES if device == "cpu" else RELU_CUDA_CASES:
+        what = f"{dtype} {layout} {shape} size={size} k={kernel} s={stride}"
+        x = random_input(shape, dtype, device, layout, relu=True, scale=3.0)
+        out, idx = impl.lrn_max_pool2d(x, size, *lrn.values(), list(kernel), list(stride))
+        g = random_input(out.shape, dtype, device, layout)
+        dz, bias_grad = impl.lrn_max_pool2d_backward_relu(g, x, idx, size, *lrn.values(), list(kernel), list(stride))
+        assert_layout(dz, layout, f"dz {what}")
+        assert dz.dtype == bias_grad.dtype == dtype and bias_grad.shape == (shape[1],)
+        x64 = x.double().cpu().requires_grad_()
+        ref = pool_by_indices(reference.lrn(x64, size, **lrn), idx.cpu(), kernel, stride)
+        (gx,) = torch.autograd.grad(ref, x64, g.double().cpu())
+        assert_close(dz, gx * (x64 > 0), dtype, "elementwise", what=f"dz {what}")
+        assert_close(bias_grad, dz.double().sum((0, 2, 3)), dtype, "gemm", what=f"bias grad {what}")
+
+
+CONV_LRN_CASES = [  # (x shape, weight shape, stride, padding): conv1 (through space-to-depth on CUDA), conv2-like
+    ((2, 3, 67, 67), (96, 3, 11, 11), 4, 0),
+    ((2, 16, 15, 13), (32, 16, 5, 5), 1, 2),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "torch"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_conv_relu_lrn_max_pool_is_the_two_ops(backend, device, layout, precision):
+    """ops.conv2d_relu_lrn_max_pool2d against conv2d_relu then lrn_max_pool2d with the same
+    backend: the same output and gradients (x, weight, bias), within rounding. On CUDA, ``auto`` runs it as one
+    autograd node (cuDNN's convolution, our LRN->max-pool and the one-pass backward through the
+    ReLU); elsewhere it is the two ops."""
+    from conftest import skip_unless_available
+
+    if backend != "auto":
+        skip_unless_available(backend, device)
+    gen = torch.Generator().manual_seed(0)
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # both paths run the same convolutions; keep them exact
+    try:
+        for x_shape, w_shape, stride, padding in CONV_LRN_CASES:
+            what = f"{backend} {precision} {layout} {x_shape} {w_shape}"
+            x = random_input(x_shape, torch.float32, device, layout).requires_grad_()
+            weight = (torch.randn(w_shape, generator=gen) * w_shape[1] ** -0.5).to(device).requires_grad_()
+            bias = torch.randn(w_shape[0], generator=gen).to(device).requires_grad_()
+            results, g = [], None
+            for fused in (True, False):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    if fused:
+                        out = ops.conv2d_relu_lrn_max_pool2d(x, weight, bias, stride, padding, backend=backend)
+                    else:
+                        out = ops.lrn_max_pool2d(ops.conv2d_relu(x, weight, bias, stride, padding, backend=backend),
+                                                 backend=backend)
+                g = random_input(out.shape, out.dtype, device, layout) if g is None else g
+                results.append((out, *torch.autograd.grad(out, (x, weight, bias), g)))
+                if fused and device == "cuda" and backend == "auto" and layout == "channels_last":
+                    assert type(out.grad_fn).__name__ == "ConvReLULRNMaxPoolBackward", what
+            (out, *grads), (ref, *ref_grads) = results
+            assert_layout(out, layout, what)
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            # NCHW: the two ops pool the convolution's output in NCHW, the one node pools it in
+            # cuDNN's channels_last (another kernel, which may round differently)
+            assert_close(out, ref, dtype, "elementwise", what=f"forward {what}")
+            for name, got, want in zip(("x", "weight", "bias"), grads, ref_grads):
+                assert got.dtype == want.dtype and got.shape == want.shape
+                assert_close(got, want, dtype, "gemm", what=f"grad {name} {what}")
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved

@@ -264,10 +264,22 @@ at::Tensor lrn_max_pool2d_backward_cpu(const at::Tensor& grad_out, const at::Ten
   return lrn_backward_impl(grad_lrn, x, size, alpha, beta, k);
 }
 
+// (dz, bias gradient) for x = relu(z): the gradient above through the ReLU (threshold_backward's
+// rule) and its sum per channel, accumulated in float (in double for double).
+std::tuple<at::Tensor, at::Tensor> lrn_max_pool2d_backward_relu_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& indices, int64_t size, double alpha,
+    double beta, double k, at::IntArrayRef kernel_size, at::IntArrayRef stride) {
+  const at::Tensor dz = at::threshold_backward(
+      lrn_max_pool2d_backward_cpu(grad_out, x, indices, size, alpha, beta, k, kernel_size, stride), x, 0);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {dz, dz.sum({0, 2, 3}, false, acc).to(x.scalar_type())};
+}
+
 }  // namespace
 }  // namespace alexnet_fast::cpu
 
 TORCH_LIBRARY_IMPL(alexnet_fast, CPU, m) {
+  m.impl("lrn_max_pool2d_backward_relu", &alexnet_fast::cpu::lrn_max_pool2d_backward_relu_cpu);
   m.impl("lrn", &alexnet_fast::cpu::lrn_cpu);
   m.impl("lrn_backward", &alexnet_fast::cpu::lrn_backward_cpu);
   m.impl("lrn_max_pool2d", &alexnet_fast::cpu::lrn_max_pool2d_cpu);

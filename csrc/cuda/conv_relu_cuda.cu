@@ -549,29 +549,6 @@ __global__ void __launch_bounds__(kMaskThreads)
   }
 }
 
-// The bias gradient from relu_mask_bias_grad_kernel's partial[blocks, C]: a 32x32 block takes 32
-// channels, its rows of threads every 32nd block row, and sums them in a fixed order, written in
-// T. (A column sum and a cast through PyTorch cost two launches and ~15 us at C = 96.)
-constexpr int kSumTile = 32;
-
-template <typename T>
-__global__ void __launch_bounds__(kSumTile * kSumTile)
-    bias_grad_sum_kernel(const float* __restrict__ partial, T* __restrict__ bias_grad, int64_t blocks, int C) {
-  __shared__ float sums[kSumTile][kSumTile + 1];
-  const int c = blockIdx.x * kSumTile + threadIdx.x;
-  float acc = 0.f;
-  if (c < C) {
-    for (int64_t b = threadIdx.y; b < blocks; b += kSumTile) acc += partial[b * C + c];
-  }
-  sums[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    float total = 0.f;
-    for (int k = 0; k < kSumTile; ++k) total += sums[k][threadIdx.x];
-    bias_grad[c] = T(total);
-  }
-}
-
 // (masked grad_out, bias gradient) in one pass, where the layout allows (channels_last, whole
 // 16-byte vectors, at most kMaskThreads vectors per pixel); {} otherwise.
 std::optional<std::tuple<at::Tensor, at::Tensor>> relu_mask_bias_grad(const at::Tensor& grad, const at::Tensor& out) {
@@ -596,9 +573,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> relu_mask_bias_grad(const at::
           grad.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), masked.mutable_data_ptr<scalar_t>(),
           partial.mutable_data_ptr<float>(), rows, groups, rows_per_block);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      bias_grad_sum_kernel<scalar_t><<<unsigned(ceil_div(C, int64_t(kSumTile))), dim3(kSumTile, kSumTile), 0, stream>>>(
-          partial.const_data_ptr<float>(), bias_grad.mutable_data_ptr<scalar_t>(), blocks, int(C));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      alexnet_fast::gpu::launch_bias_grad_sum<scalar_t>(partial, bias_grad, stream);
     }
   });
   return std::make_tuple(masked, bias_grad);

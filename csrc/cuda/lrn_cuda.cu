@@ -292,14 +292,21 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dx of lrn: the whole tensor is one row of chunks, as in the forward.
-template <typename T, int SIZE, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    lrn_backward_nhwc_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx, int warps,
-                             int chunks, int C, LrnParams<float> prm) {
+// dx of lrn: the whole tensor is one row of chunks, as in the forward; block b takes the
+// kChunksPerBlock contiguous chunks of tile b.
+// RELU: x is the output of a ReLU, and the kernel writes the gradient of the ReLU's input instead:
+// dx where x > 0, else 0 (threshold_backward's rule: a NaN x passes its gradient). It also sums
+// what it writes per channel: block b walks tiles b, b + gridDim.x, ... and adds each tile's chunks
+// channel by channel, in a fixed order, into the registers of the thread of each channel group,
+// then writes partial[b, C]; launch_bias_grad_sum adds the blocks' rows. Deterministic, and the
+// grid (a few blocks per SM) keeps partial small enough for that last sum to be quick.
+constexpr int kChunksPerBlock = kWarps * kProducingLanes;
+
+template <typename T, int SIZE, int VEC, bool RELU>
+__device__ __forceinline__ void lrn_backward_nhwc_tile(const T* __restrict__ grad, const T* __restrict__ x,
+                                                       T* __restrict__ dx, const LaneChunk& lc, int chunks, int C,
+                                                       const LrnParams<float>& prm, float (&y)[VEC]) {
   constexpr int kBefore = SIZE / 2, kAfter = (SIZE - 1) / 2;
-  const LaneChunk lc = lane_chunk(warps, chunks);
-  if (lc.row > 0) return;  // the whole warp
   const int64_t e = static_cast<int64_t>(lc.q) * VEC;
   float xv[VEC], gv[VEC];
   int c0 = 0;
@@ -323,11 +330,59 @@ __global__ void __launch_bounds__(kThreads)
   }
   // Channel c collects the terms of the channels whose window holds it: [c - kAfter, c + kBefore].
   lane_window_sums<kAfter, kBefore>(t, has_left, has_right, tsums);
-  if (lc.produces) {
-    float y[VEC];
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) y[v] = gf[v] - xv[v] * tsums[v];
-    store_as<VEC>(dx + e, y);
+  for (int v = 0; v < VEC; ++v) {
+    y[v] = gf[v] - xv[v] * tsums[v];
+    if constexpr (RELU) y[v] = xv[v] <= 0.f ? 0.f : y[v];
+  }
+  if (lc.produces) store_as<VEC>(dx + e, y);
+}
+
+template <typename T, int SIZE, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    lrn_backward_nhwc_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx, int warps,
+                             int chunks, int C, LrnParams<float> prm) {
+  const LaneChunk lc = lane_chunk(warps, chunks);
+  if (lc.row > 0) return;  // the whole warp
+  float y[VEC];
+  lrn_backward_nhwc_tile<T, SIZE, VEC, false>(grad, x, dx, lc, chunks, C, prm, y);
+}
+
+// Requires C / VEC <= kThreads (one channel group per thread in the sums).
+template <typename T, int SIZE, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    lrn_backward_relu_nhwc_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
+                                  int warps, int chunks, int C, LrnParams<float> prm, float* __restrict__ partial) {
+  __shared__ float written[kChunksPerBlock][VEC];
+  const int lane = threadIdx.x & 31, slot = (threadIdx.x / 32) * kProducingLanes + lane - 1;
+  const int groups = C / VEC, g = threadIdx.x;
+  float acc[VEC];
+  fill_zero(acc);
+  const int tiles = (chunks + kChunksPerBlock - 1) / kChunksPerBlock;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    LaneChunk lc = lane_chunk(warps, chunks, tile);
+    if (lc.row > 0) lc.loads = lc.produces = false;  // warps past the last chunk, in the last tile
+    float y[VEC];
+    lrn_backward_nhwc_tile<T, SIZE, VEC, true>(grad, x, dx, lc, chunks, C, prm, y);
+    // the values as stored (rounded to T), as the unfused ops' bias gradient sums them
+    if (lane >= 1 && lane <= kProducingLanes) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) written[slot][v] = lc.produces ? static_cast<float>(static_cast<T>(y[v])) : 0.f;
+    }
+    __syncthreads();
+    if (g < groups) {
+      const int q_begin = tile * kChunksPerBlock, q_end = min(q_begin + kChunksPerBlock, chunks);
+      // the tile's chunks of channel group g: q = g mod groups
+      for (int q = q_begin + (g - q_begin % groups + groups) % groups; q < q_end; q += groups) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[v] += written[q - q_begin][v];
+      }
+    }
+    __syncthreads();  // before the next tile overwrites `written`
+  }
+  if (g < groups) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) partial[static_cast<int64_t>(blockIdx.x) * C + g * VEC + v] = acc[v];
   }
 }
 
@@ -799,6 +854,16 @@ std::tuple<at::Tensor, at::Tensor> lrn_max_pool2d_cuda(const at::Tensor& x, int6
   return {out, indices};
 }
 
+// max_pool2d_backward's result: the gradient of the pool's input.
+at::Tensor pool_gradient(const at::Tensor& g, const at::Tensor& indices, const PoolShape& s) {
+  static const auto pool_backward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("alexnet_fast::max_pool2d_backward", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+                            at::IntArrayRef, at::IntArrayRef)>();
+  return pool_backward.call(g, indices, {s.H, s.W}, {s.kh, s.kw}, {s.sh, s.sw}, {s.ph, s.pw});
+}
+
 template <typename T>
 bool lrn_max_pool2d_backward_fast(const at::Tensor& g, const at::Tensor& x, const at::Tensor& indices,
                                   at::Tensor& dx, const PoolShape& s, const LrnParams<float>& prm,
@@ -813,13 +878,7 @@ bool lrn_max_pool2d_backward_fast(const at::Tensor& g, const at::Tensor& x, cons
     // its own kernel. Gathering the pooled gradient per pixel inside the LRN backward (1 to 4
     // windows of dependent loads each) ran at a fraction of it: 0.163 ms against 0.036 + 0.067
     // for bf16 128x96x54x54 on the H200.
-    static const auto pool_backward =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("alexnet_fast::max_pool2d_backward", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-                              at::IntArrayRef, at::IntArrayRef)>();
-    const at::Tensor gy = pool_backward.call(g, indices, {s.H, s.W}, {s.kh, s.kw}, {s.sh, s.sw}, {s.ph, s.pw});
-    return lrn_backward_fast<T>(gy, x, dx, prm, stream);
+    return lrn_backward_fast<T>(pool_gradient(g, indices, s), x, dx, prm, stream);
   }
   const int64_t cells_h = ceil_div(s.H, kCellS), cells_w = ceil_div(s.W, kCellS), cells = N * cells_h * cells_w;
   if (s.kh != kCellK || s.kw != kCellK || s.sh != kCellS || s.sw != kCellS || !fits_index32(cells)) return false;
@@ -877,10 +936,82 @@ at::Tensor lrn_max_pool2d_backward_cuda(const at::Tensor& grad_out, const at::Te
   return dx;
 }
 
+// channels_last, AlexNet's LRN size, whole vectors: the pool's gradient, then the masked LRN
+// gradient with its per-block channel sums, then their column sum (false: not applicable).
+template <typename T>
+bool lrn_max_pool2d_backward_relu_fast(const at::Tensor& g, const at::Tensor& x, const at::Tensor& indices,
+                                       at::Tensor& dx, at::Tensor& bias_grad, const PoolShape& s,
+                                       const LrnParams<float>& prm, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t C = x.size(1), chunks = x.numel() / kVec, warps = ceil_div(chunks, kProducingLanes);
+  if (!is_channels_last(output_memory_format(x)) || !channels_last_vectors<T>(C, {&x, &dx}) ||
+      !fits_index32(chunks + kChunksPerBlock) || C / kVec > kThreads) {
+    return false;
+  }
+  const at::Tensor gy = pool_gradient(g, indices, s);
+  if (!channels_last_vectors<T>(C, {&gy})) return false;
+  // As many blocks as fit on the GPU at once: each walks a few dozen tiles at AlexNet's sizes.
+  const auto kernel = lrn_backward_relu_nhwc_kernel<T, kFastLrnSize, kVec>;
+  static const int per_sm = [&] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
+    return std::max(n, 1);
+  }();
+  const int64_t blocks = std::min<int64_t>(ceil_div(chunks, kChunksPerBlock), int64_t(sm_count()) * per_sm);
+  at::Tensor partial = poison_if_debug(at::empty({blocks, C}, x.options().dtype(at::kFloat)));
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      gy.const_data_ptr<T>(), x.const_data_ptr<T>(), dx.mutable_data_ptr<T>(), static_cast<int>(warps),
+      static_cast<int>(chunks), static_cast<int>(C), prm, partial.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_bias_grad_sum<T>(partial, bias_grad, stream);
+  return true;
+}
+
+// (dz, bias gradient) for x = relu(z): lrn_max_pool2d's input gradient passed back through the
+// ReLU, and its sum per channel.
+std::tuple<at::Tensor, at::Tensor> lrn_max_pool2d_backward_relu_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& indices, int64_t size, double alpha,
+    double beta, double k, at::IntArrayRef kernel_size, at::IntArrayRef stride) {
+  check_grad_like(grad_out, x);
+  CHECK_4D(indices);
+  TORCH_CHECK(indices.scalar_type() == at::kByte, "indices must be a uint8 tensor, got ", indices.scalar_type());
+  CHECK_SAME_DEVICE(x, indices);
+  check_lrn_params(size, beta, k);
+  const at::IntArrayRef padding(kNoPadding, 2);
+  check_pool_params(kernel_size, stride, padding);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto out_hw = pool_output_hw(H, W, kernel_size, stride, padding, false);
+  CHECK_SHAPE(grad_out, N, C, out_hw.first, out_hw.second);
+  CHECK_SHAPE(indices, N, C, out_hw.first, out_hw.second);
+  check_plane(H, W, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto fmt = output_memory_format(x);
+  const at::Tensor xc = x.contiguous(fmt), g = grad_out.contiguous(fmt), idx = indices.contiguous(fmt);
+  at::Tensor dz = poison_if_debug(at::empty(x.sizes(), x.options().memory_format(fmt)));
+  at::Tensor bias_grad = poison_if_debug(at::empty({C}, x.options()));
+  if (dz.numel() > 0 && x.scalar_type() != at::kDouble && size == kFastLrnSize) {
+    const PoolShape s = make_pool_shape(H, W, out_hw.first, out_hw.second, kernel_size, stride, padding);
+    bool done = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrn_max_pool2d_backward_relu", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        done = lrn_max_pool2d_backward_relu_fast<scalar_t>(g, xc, idx, dz, bias_grad, s,
+                                                           make_lrn_params<float>(size, alpha, beta, k),
+                                                           at::cuda::getCurrentCUDAStream());
+      }
+    });
+    if (done) return {dz, bias_grad};
+  }
+  // Elsewhere: the fused op's backward, then the mask and the sum as PyTorch's ops.
+  dz = at::threshold_backward(lrn_max_pool2d_backward_cuda(g, xc, idx, size, alpha, beta, k, kernel_size, stride),
+                              xc, 0);
+  return {dz, dz.sum({0, 2, 3}, false, at::kFloat).to(x.scalar_type())};
+}
+
 }  // namespace
 }  // namespace alexnet_fast::gpu
 
 TORCH_LIBRARY_IMPL(alexnet_fast, CUDA, m) {
+  m.impl("lrn_max_pool2d_backward_relu", &alexnet_fast::gpu::lrn_max_pool2d_backward_relu_cuda);
   m.impl("lrn", &alexnet_fast::gpu::lrn_cuda);
   m.impl("lrn_backward", &alexnet_fast::gpu::lrn_backward_cuda);
   m.impl("lrn_max_pool2d", &alexnet_fast::gpu::lrn_max_pool2d_cuda);

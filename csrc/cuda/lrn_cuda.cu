@@ -24,6 +24,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <numeric>
 #include <tuple>
 #include <type_traits>
 
@@ -296,10 +297,10 @@ __global__ void __launch_bounds__(kThreads)
 // kChunksPerBlock contiguous chunks of tile b.
 // RELU: x is the output of a ReLU, and the kernel writes the gradient of the ReLU's input instead:
 // dx where x > 0, else 0 (threshold_backward's rule: a NaN x passes its gradient). It also sums
-// what it writes per channel: block b walks tiles b, b + gridDim.x, ... and adds each tile's chunks
-// channel by channel, in a fixed order, into the registers of the thread of each channel group,
-// then writes partial[b, C]; launch_bias_grad_sum adds the blocks' rows. Deterministic, and the
-// grid (a few blocks per SM) keeps partial small enough for that last sum to be quick.
+// what it writes per channel: block b walks tiles b, b + gridDim.x, ..., each lane adding its
+// values up in registers, then the block adds its lanes per channel in a fixed order and writes
+// partial[b, C]; launch_bias_grad_sum adds the blocks' rows. Deterministic, and the grid (the
+// blocks that fit on the GPU at once) keeps partial small enough for that last sum to be quick.
 constexpr int kChunksPerBlock = kWarps * kProducingLanes;
 
 template <typename T, int SIZE, int VEC, bool RELU>
@@ -348,43 +349,51 @@ __global__ void __launch_bounds__(kThreads)
   lrn_backward_nhwc_tile<T, SIZE, VEC, false>(grad, x, dx, lc, chunks, C, prm, y);
 }
 
-// Requires C / VEC <= kThreads (one channel group per thread in the sums).
+// Requires C / VEC <= kThreads (one channel group per thread in the final sums) and a grid that
+// is a multiple of relu_grid_multiple(C / VEC): then tile b + k * gridDim.x starts at a chunk
+// congruent to tile b's modulo C / VEC, so every lane meets the same channel group in each of its
+// block's tiles, and adds up its values in registers with no barrier until the end.
 template <typename T, int SIZE, int VEC>
 __global__ void __launch_bounds__(kThreads)
     lrn_backward_relu_nhwc_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
                                   int warps, int chunks, int C, LrnParams<float> prm, float* __restrict__ partial) {
-  __shared__ float written[kChunksPerBlock][VEC];
-  const int lane = threadIdx.x & 31, slot = (threadIdx.x / 32) * kProducingLanes + lane - 1;
-  const int groups = C / VEC, g = threadIdx.x;
+  const int tiles = (chunks + kChunksPerBlock - 1) / kChunksPerBlock;
   float acc[VEC];
   fill_zero(acc);
-  const int tiles = (chunks + kChunksPerBlock - 1) / kChunksPerBlock;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     LaneChunk lc = lane_chunk(warps, chunks, tile);
     if (lc.row > 0) lc.loads = lc.produces = false;  // warps past the last chunk, in the last tile
     float y[VEC];
     lrn_backward_nhwc_tile<T, SIZE, VEC, true>(grad, x, dx, lc, chunks, C, prm, y);
     // the values as stored (rounded to T), as the unfused ops' bias gradient sums them
-    if (lane >= 1 && lane <= kProducingLanes) {
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) written[slot][v] = lc.produces ? static_cast<float>(static_cast<T>(y[v])) : 0.f;
-    }
-    __syncthreads();
-    if (g < groups) {
-      const int q_begin = tile * kChunksPerBlock, q_end = min(q_begin + kChunksPerBlock, chunks);
-      // the tile's chunks of channel group g: q = g mod groups
-      for (int q = q_begin + (g - q_begin % groups + groups) % groups; q < q_end; q += groups) {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[v] += written[q - q_begin][v];
-      }
-    }
-    __syncthreads();  // before the next tile overwrites `written`
+    for (int v = 0; v < VEC; ++v) acc[v] += lc.produces ? static_cast<float>(static_cast<T>(y[v])) : 0.f;
   }
-  if (g < groups) {
+  __shared__ float lanes[kChunksPerBlock][VEC];
+  const int lane = threadIdx.x & 31, slot = (threadIdx.x / 32) * kProducingLanes + lane - 1;
+  if (lane >= 1 && lane <= kProducingLanes) {
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) partial[static_cast<int64_t>(blockIdx.x) * C + g * VEC + v] = acc[v];
+    for (int v = 0; v < VEC; ++v) lanes[slot][v] = acc[v];
+  }
+  __syncthreads();
+  const int groups = C / VEC, g = threadIdx.x;
+  if (g < groups) {
+    // slot s holds channel group (first + s) mod groups, first = the group of the block's first chunk
+    const int first = static_cast<int>(static_cast<int64_t>(blockIdx.x) * kChunksPerBlock % groups);
+    float sum[VEC];
+    fill_zero(sum);
+    for (int s = (g - first + groups) % groups; s < kChunksPerBlock; s += groups) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) sum[v] += lanes[s][v];
+    }
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) partial[static_cast<int64_t>(blockIdx.x) * C + g * VEC + v] = sum[v];
   }
 }
+
+// The grid of lrn_backward_relu_nhwc_kernel must be a multiple of this: the smallest m with
+// m * kChunksPerBlock a multiple of the channel groups.
+int relu_grid_multiple(int64_t groups) { return static_cast<int>(groups / std::gcd(int64_t(kChunksPerBlock), groups)); }
 
 // ================================================================================================
 // Fused forward
@@ -950,14 +959,17 @@ bool lrn_max_pool2d_backward_relu_fast(const at::Tensor& g, const at::Tensor& x,
   }
   const at::Tensor gy = pool_gradient(g, indices, s);
   if (!channels_last_vectors<T>(C, {&gy})) return false;
-  // As many blocks as fit on the GPU at once: each walks a few dozen tiles at AlexNet's sizes.
+  // As many blocks as fit on the GPU at once (each walks a few dozen tiles at AlexNet's sizes),
+  // rounded up to the kernel's multiple (the extra blocks, if any, write zero sums).
   const auto kernel = lrn_backward_relu_nhwc_kernel<T, kFastLrnSize, kVec>;
   static const int per_sm = [&] {
     int n = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
     return std::max(n, 1);
   }();
-  const int64_t blocks = std::min<int64_t>(ceil_div(chunks, kChunksPerBlock), int64_t(sm_count()) * per_sm);
+  const int64_t multiple = relu_grid_multiple(C / kVec);
+  const int64_t blocks =
+      ceil_div(std::min<int64_t>(ceil_div(chunks, kChunksPerBlock), int64_t(sm_count()) * per_sm), multiple) * multiple;
   at::Tensor partial = poison_if_debug(at::empty({blocks, C}, x.options().dtype(at::kFloat)));
   kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       gy.const_data_ptr<T>(), x.const_data_ptr<T>(), dx.mutable_data_ptr<T>(), static_cast<int>(warps),

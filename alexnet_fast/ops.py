@@ -17,7 +17,7 @@ from torch import Tensor
 
 from alexnet_fast import autograd, autotable, backends, optim, reference, space_to_depth
 
-__all__ = ["conv2d_relu", "lrn", "max_pool2d", "lrn_max_pool2d"]
+__all__ = ["conv2d_relu", "lrn", "max_pool2d", "lrn_max_pool2d", "conv2d_relu_lrn_max_pool2d"]
 
 # uint8 window offsets hold kernel areas up to 256.
 MAX_POOL_WINDOW = 256
@@ -353,6 +353,11 @@ def _register_native() -> None:
     @reg(lib + "lrn_max_pool2d_backward_relu")
     def _(grad_out, x, indices, size, alpha, beta, k, kernel_size, stride):
         return torch.empty_like(x, memory_format=output_memory_format(x)), x.new_empty((x.shape[1],))
+
+    @reg(lib + "sgd_step_")
+    def _(params, grads, momentum_buffers, copies, lr, weight_decay, momentum, dampening, nesterov, maximize,
+          first_step):
+        return None  # writes its arguments in place
 
     autograd.register(torch.ops.alexnet_fast)
     autograd.register_cudnn_conv(torch.ops.alexnet_fast)

@@ -305,7 +305,7 @@ constexpr int kChunksPerBlock = kWarps * kProducingLanes;
 
 template <typename T, int SIZE, int VEC, bool RELU>
 __device__ __forceinline__ void lrn_backward_nhwc_tile(const T* __restrict__ grad, const T* __restrict__ x,
-                                                       T* __restrict__ dx, const LaneChunk& lc, int chunks, int C,
+                                                       T* __restrict__ dx, const LaneChunk& lc, int C,
                                                        const LrnParams<float>& prm, float (&y)[VEC]) {
   constexpr int kBefore = SIZE / 2, kAfter = (SIZE - 1) / 2;
   const int64_t e = static_cast<int64_t>(lc.q) * VEC;
@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kThreads)
   const LaneChunk lc = lane_chunk(warps, chunks);
   if (lc.row > 0) return;  // the whole warp
   float y[VEC];
-  lrn_backward_nhwc_tile<T, SIZE, VEC, false>(grad, x, dx, lc, chunks, C, prm, y);
+  lrn_backward_nhwc_tile<T, SIZE, VEC, false>(grad, x, dx, lc, C, prm, y);
 }
 
 // Requires C / VEC <= kThreads (one channel group per thread in the final sums) and a grid that
@@ -364,7 +364,7 @@ __global__ void __launch_bounds__(kThreads)
     LaneChunk lc = lane_chunk(warps, chunks, tile);
     if (lc.row > 0) lc.loads = lc.produces = false;  // warps past the last chunk, in the last tile
     float y[VEC];
-    lrn_backward_nhwc_tile<T, SIZE, VEC, true>(grad, x, dx, lc, chunks, C, prm, y);
+    lrn_backward_nhwc_tile<T, SIZE, VEC, true>(grad, x, dx, lc, C, prm, y);
     // the values as stored (rounded to T), as the unfused ops' bias gradient sums them
 #pragma unroll
     for (int v = 0; v < VEC; ++v) acc[v] += lc.produces ? static_cast<float>(static_cast<T>(y[v])) : 0.f;

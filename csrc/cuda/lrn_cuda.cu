@@ -900,9 +900,10 @@ bool lrn_max_pool2d_backward_fast(const at::Tensor& g, const at::Tensor& x, cons
   return true;
 }
 
-at::Tensor lrn_max_pool2d_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& indices,
-                                        int64_t size, double alpha, double beta, double k,
-                                        at::IntArrayRef kernel_size, at::IntArrayRef stride) {
+// The arguments of the fused backward ops, checked; returns the pool's shape.
+PoolShape check_fused_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& indices,
+                                    int64_t size, double beta, double k, at::IntArrayRef kernel_size,
+                                    at::IntArrayRef stride) {
   check_grad_like(grad_out, x);
   CHECK_4D(indices);
   TORCH_CHECK(indices.scalar_type() == at::kByte, "indices must be a uint8 tensor, got ", indices.scalar_type());
@@ -916,6 +917,14 @@ at::Tensor lrn_max_pool2d_backward_cuda(const at::Tensor& grad_out, const at::Te
   CHECK_SHAPE(grad_out, N, C, OH, OW);
   CHECK_SHAPE(indices, N, C, OH, OW);
   check_plane(H, W, "x");
+  return make_pool_shape(H, W, OH, OW, kernel_size, stride, padding);
+}
+
+at::Tensor lrn_max_pool2d_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& indices,
+                                        int64_t size, double alpha, double beta, double k,
+                                        at::IntArrayRef kernel_size, at::IntArrayRef stride) {
+  const PoolShape s = check_fused_backward_args(grad_out, x, indices, size, beta, k, kernel_size, stride);
+  const int64_t C = x.size(1);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = output_memory_format(x);
   const at::Tensor xc = x.contiguous(fmt);
@@ -923,7 +932,6 @@ at::Tensor lrn_max_pool2d_backward_cuda(const at::Tensor& grad_out, const at::Te
   const at::Tensor idx = indices.contiguous(fmt);
   at::Tensor dx = poison_if_debug(at::empty(x.sizes(), x.options().memory_format(fmt)));
   if (dx.numel() == 0) return dx;
-  const PoolShape s = make_pool_shape(H, W, OH, OW, kernel_size, stride, padding);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrn_max_pool2d_backward_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
@@ -984,25 +992,13 @@ bool lrn_max_pool2d_backward_relu_fast(const at::Tensor& g, const at::Tensor& x,
 std::tuple<at::Tensor, at::Tensor> lrn_max_pool2d_backward_relu_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& indices, int64_t size, double alpha,
     double beta, double k, at::IntArrayRef kernel_size, at::IntArrayRef stride) {
-  check_grad_like(grad_out, x);
-  CHECK_4D(indices);
-  TORCH_CHECK(indices.scalar_type() == at::kByte, "indices must be a uint8 tensor, got ", indices.scalar_type());
-  CHECK_SAME_DEVICE(x, indices);
-  check_lrn_params(size, beta, k);
-  const at::IntArrayRef padding(kNoPadding, 2);
-  check_pool_params(kernel_size, stride, padding);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const auto out_hw = pool_output_hw(H, W, kernel_size, stride, padding, false);
-  CHECK_SHAPE(grad_out, N, C, out_hw.first, out_hw.second);
-  CHECK_SHAPE(indices, N, C, out_hw.first, out_hw.second);
-  check_plane(H, W, "x");
+  const PoolShape s = check_fused_backward_args(grad_out, x, indices, size, beta, k, kernel_size, stride);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = output_memory_format(x);
   const at::Tensor xc = x.contiguous(fmt), g = grad_out.contiguous(fmt), idx = indices.contiguous(fmt);
   at::Tensor dz = poison_if_debug(at::empty(x.sizes(), x.options().memory_format(fmt)));
-  at::Tensor bias_grad = poison_if_debug(at::empty({C}, x.options()));
+  at::Tensor bias_grad = poison_if_debug(at::empty({x.size(1)}, x.options()));
   if (dz.numel() > 0 && x.scalar_type() != at::kDouble && size == kFastLrnSize) {
-    const PoolShape s = make_pool_shape(H, W, out_hw.first, out_hw.second, kernel_size, stride, padding);
     bool done = false;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrn_max_pool2d_backward_relu", [&] {
       if constexpr (!std::is_same_v<scalar_t, double>) {

@@ -68,13 +68,15 @@ def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return copy.tensor
 
 
-def _fits_kernel(p: Tensor) -> bool:
+def _fits_kernel(p: Tensor, buffer: Tensor | None) -> bool:
     """Whether the kernel can step ``p``: it walks the storage of dense float32 tensors, so the
-    parameter must be contiguous in some memory format and its gradient laid out alike."""
+    parameter must be contiguous in some memory format and its gradient and momentum buffer (a
+    loaded one may come from a model in another layout) laid out alike."""
     g = p.grad
     dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
     return (p.dtype == torch.float32 and p.layout == torch.strided and dense
-            and g.dtype == torch.float32 and g.layout == torch.strided and g.stride() == p.stride())
+            and g.dtype == torch.float32 and g.layout == torch.strided and g.stride() == p.stride()
+            and (buffer is None or (buffer.dtype == torch.float32 and buffer.stride() == p.stride())))
 
 
 class SGD(torch.optim.SGD):
@@ -104,7 +106,7 @@ class SGD(torch.optim.SGD):
         return copy
 
     def _kernel_runs(self, params) -> bool:
-        if not params or not all(_fits_kernel(p) for p in params):
+        if not params or not all(_fits_kernel(p, self.state[p].get("momentum_buffer")) for p in params):
             return False
         return backends.availability("native", params[0].device.type)[0]
 
@@ -125,22 +127,22 @@ class SGD(torch.optim.SGD):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if group["momentum"] == 0:
-                self._run(group, params, None, first_step=False)
+                self._run(group, params, first_step=False)
                 continue
             # a parameter's first step sets its buffer to the gradient (PyTorch's rule)
             fresh = [p for p in params if self.state[p].get("momentum_buffer") is None]
             for p in fresh:
                 self.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
             fresh_ids = {id(p) for p in fresh}
-            self._run(group, fresh, True, first_step=True)
-            self._run(group, [p for p in params if id(p) not in fresh_ids], True, first_step=False)
+            self._run(group, fresh, first_step=True)
+            self._run(group, [p for p in params if id(p) not in fresh_ids], first_step=False)
         return loss
 
-    def _run(self, group, params, buffered, first_step: bool) -> None:
+    def _run(self, group, params, first_step: bool) -> None:
         if not params:
             return
         copies = [self._copy_of(p) for p in params]
-        buffers = [self.state[p]["momentum_buffer"] for p in params] if buffered else []
+        buffers = [self.state[p]["momentum_buffer"] for p in params] if group["momentum"] != 0 else []
         torch.ops.alexnet_fast.sgd_step_(
             params, [p.grad for p in params], buffers, [c.tensor for c in copies], group["lr"],
             group["weight_decay"], group["momentum"], group["dampening"], group["nesterov"], group["maximize"],

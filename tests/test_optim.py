@@ -143,6 +143,21 @@ def test_bad_arguments_are_named():
         step([p.detach().double()], [g.double()], [], [], 0.1, 0.0, 0.0, 0.0, False, False, False)
 
 
+def test_a_loaded_buffer_in_another_layout_takes_torchs_step():
+    """A momentum buffer loaded from a checkpoint of an NCHW model into a channels_last one."""
+    skip_unless_available("native", "cpu")
+    p = torch.nn.Parameter(torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last))
+    q = torch.nn.Parameter(p.detach().clone())
+    buffer, g = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    p.grad, q.grad = torch.empty_like(p).copy_(g), torch.empty_like(q).copy_(g)
+    ours, ref = optim.SGD([p], lr=0.1, momentum=0.9), torch.optim.SGD([q], lr=0.1, momentum=0.9, foreach=False)
+    ours.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"] = buffer.clone(), buffer.clone()
+    ours.step()
+    ref.step()
+    torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert torch.equal(optim.cast(p, torch.bfloat16), p.detach().to(torch.bfloat16))
+
+
 def test_a_gradient_in_another_layout_takes_torchs_step():
     """A gradient whose strides differ from its parameter's: PyTorch's step, then the casts."""
     skip_unless_available("native", "cpu")

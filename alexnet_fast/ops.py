@@ -142,10 +142,21 @@ def _namespace(name: str):
 def conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
                 backend: str | None = None) -> Tensor:
     """``relu(conv2d(x, weight, bias, stride, padding))`` with groups=1, dilation=1."""
+    stride, padding, name = _resolve_conv(x, weight, bias, stride, padding, backend)
+    return _conv2d_relu(name, x, weight, bias, stride, padding)
+
+
+def _resolve_conv(x: Tensor, weight: Tensor, bias, stride, padding, backend):
+    """The checked (stride, padding) of a convolution and what runs it."""
     _check_input(x)
     stride, padding = _check_conv(x, weight, bias, stride, padding)
     shape_key = autotable.conv_key(x.shape[1], weight.shape[0], weight.shape[-2:], stride)
-    name = backends.resolve(backend, "conv2d_relu", x.device.type, shape_key)
+    return stride, padding, backends.resolve(backend, "conv2d_relu", x.device.type, shape_key)
+
+
+def _conv2d_relu(name: str, x: Tensor, weight: Tensor, bias, stride, padding) -> Tensor:
+    """conv2d_relu through ``name`` (a concrete backend or an auto-only conv path) on checked
+    arguments."""
     if name == "torch":
         return reference.conv2d_relu(x, weight, bias, stride, padding)
     x, weight, bias = _autocast(x, weight, bias)
@@ -203,28 +214,25 @@ def conv2d_relu_lrn_max_pool2d(x: Tensor, weight: Tensor, bias: Tensor | None = 
     backend runs the convolution through cuDNN (``auto`` on the GPU) and the LRN->max-pool
     through the native kernels, the two run as :class:`ConvReLULRNMaxPool`, whose backward saves
     a pass over the gradient; elsewhere, and under torch.compile, as the two ops."""
-    if not torch.compiler.is_compiling():
-        _check_input(x)
-        conv_stride, conv_padding = _check_conv(x, weight, bias, stride, padding)
-        shape_key = autotable.conv_key(x.shape[1], weight.shape[0], weight.shape[-2:], conv_stride)
-        conv_name = backends.resolve(backend, "conv2d_relu", x.device.type, shape_key)
-        if conv_name in backends.CONV_ONLY and backends.resolve(backend, "lrn_max_pool2d", x.device.type) == "native":
-            _check_lrn(size, alpha, beta, k)
-            conv_out = torch.empty(conv_out_shape(x, weight, conv_stride, conv_padding), device="meta")
-            pool_kernel, pool_step, _ = _check_pool(conv_out, kernel_size, pool_stride, 0, False)
-            lrn_args = (int(size), float(alpha), float(beta), float(k))
-            pool_args = (list(pool_kernel), list(pool_step))
-            x, weight, bias = _autocast(x, weight, bias)
-            if conv_name == "cudnn":
-                return ConvReLULRNMaxPool.apply(x, weight, bias, list(conv_stride), list(conv_padding), lrn_args,
-                                                pool_args)
+    conv_stride, conv_padding, conv_name = _resolve_conv(x, weight, bias, stride, padding, backend)
+    if (conv_name in backends.CONV_ONLY and not torch.compiler.is_compiling()
+            and backends.resolve(backend, "lrn_max_pool2d", x.device.type) == "native"):
+        _check_lrn(size, alpha, beta, k)
+        conv_out = torch.empty(conv_out_shape(x, weight, conv_stride, conv_padding), device="meta")
+        pool_kernel, pool_step, _ = _check_pool(conv_out, kernel_size, pool_stride, 0, False)
+        lrn_args = (int(size), float(alpha), float(beta), float(k))
+        pool_args = (list(pool_kernel), list(pool_step))
+        x, weight, bias = _autocast(x, weight, bias)
+        if conv_name == "cudnn":
+            return ConvReLULRNMaxPool.apply(x, weight, bias, list(conv_stride), list(conv_padding), lrn_args,
+                                            pool_args)
 
-            def stride1(blocks, blocked_weight, bias):
-                return ConvReLULRNMaxPool.apply(blocks, blocked_weight, bias, [1, 1], [0, 0], lrn_args, pool_args)
+        def stride1(blocks, blocked_weight, bias):
+            return ConvReLULRNMaxPool.apply(blocks, blocked_weight, bias, [1, 1], [0, 0], lrn_args, pool_args)
 
-            return space_to_depth.conv2d_relu(x, weight, bias, conv_stride, conv_padding, stride1,
-                                              output_memory_format(x))
-    out = conv2d_relu(x, weight, bias, stride, padding, backend=backend)
+        return space_to_depth.conv2d_relu(x, weight, bias, conv_stride, conv_padding, stride1,
+                                          output_memory_format(x))
+    out = _conv2d_relu(conv_name, x, weight, bias, conv_stride, conv_padding)
     return lrn_max_pool2d(out, size, alpha, beta, k, kernel_size, pool_stride, backend=backend)
 
 

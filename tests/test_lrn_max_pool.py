@@ -2,7 +2,7 @@
 unfused ops would choose them in the output dtype."""
 import pytest
 import torch
-from conftest import assert_close, assert_layout, pool_by_indices, random_input
+from conftest import assert_close, assert_layout, pool_by_indices, random_input, skip_unless_available
 
 from alexnet_fast import backends, ops, reference
 
@@ -96,8 +96,6 @@ def test_backward_through_relu(backend, device, dtype, layout):
     """lrn_max_pool2d_backward_relu: for x = relu(z) (zeros, so ties and a mask that matters), the
     gradient of z (lrn_max_pool2d's input gradient, zero where x <= 0) against the float64
     reference, and its per-channel sum against the float64 sum of what the op wrote."""
-    from conftest import skip_unless_available
-
     skip_unless_available(backend, device)
     impl = ops.kernels(backend)
     lrn = PARAMS[0]
@@ -130,8 +128,6 @@ def test_conv_relu_lrn_max_pool_is_the_two_ops(backend, device, layout, precisio
     backend: the same output and gradients (x, weight, bias), within rounding. On CUDA, ``auto`` runs it as one
     autograd node (cuDNN's convolution, our LRN->max-pool and the one-pass backward through the
     ReLU); elsewhere it is the two ops."""
-    from conftest import skip_unless_available
-
     if backend != "auto":
         skip_unless_available(backend, device)
     gen = torch.Generator().manual_seed(0)

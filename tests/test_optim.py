@@ -172,36 +172,36 @@ def test_a_gradient_in_another_layout_takes_torchs_step():
     assert torch.equal(optim.cast(p, torch.bfloat16), p.detach().to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
-def test_model_trains_the_same_with_the_copies(device_type):
+def test_model_trains_the_same_with_the_copies(device):
     """AlexNet under autocast with ``backend="native"`` (whose convolutions cast through
     ``optim.cast``, as do the Linears on CUDA): our SGD with copies and torch's SGD give the same
     losses, step after step."""
-    if device_type == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    skip_unless_available("native", device_type)
+    skip_unless_available("native", device)
     dtype = torch.bfloat16
-    gen = torch.Generator(device=device_type).manual_seed(0)
-    batches = [(torch.randn(2, 3, 67, 67, generator=gen, device=device_type),
-                torch.randint(0, 10, (2,), generator=gen, device=device_type)) for _ in range(3)]
+    gen = torch.Generator(device=device).manual_seed(0)
+    batches = [(torch.randn(2, 3, 67, 67, generator=gen, device=device),
+                torch.randint(0, 10, (2,), generator=gen, device=device)) for _ in range(3)]
     runs = []
     for ours in (False, True):
         torch.manual_seed(0)
-        model = AlexNet(num_classes=10, backend="native").to(device_type).train()
+        model = AlexNet(num_classes=10, backend="native").to(device).train()
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
         args = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
         opt = (optim.SGD(model.parameters(), autocast_dtype=dtype, **args) if ours
-               else torch.optim.SGD(model.parameters(), **args, **({"fused": True} if device_type == "cuda" else {})))
+               else torch.optim.SGD(model.parameters(), **args, **({"fused": True} if device == "cuda" else {})))
         runs.append([float(train_step(model, opt, F.cross_entropy, x, y, dtype)[0]) for x, y in batches * 2])
         if ours:
             assert len([p for p in model.parameters() if p in optim._COPIES]) == 16
-    if device_type == "cuda":
+    # our step evaluates in double, torch's CPU step in float32: on the CPU the last bits of a
+    # parameter may differ, no more than that. On the GPU both are the fused step's arithmetic.
+    for a, b in zip(*runs):
+        assert abs(a - b) <= 1e-4 * abs(b), runs
+    if device == "cuda":
         assert runs[0] == runs[1]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_cuda_step_agrees_with_torchs_fused_step(config):
     """On the GPU, against PyTorch's fused step (the same double arithmetic; the compilers may

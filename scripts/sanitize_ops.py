@@ -35,9 +35,11 @@ LRN_CASES = [((2, 13, 7, 9), 5), ((2, 16, 6, 6), 5), ((1, 70, 3, 5), 5), ((2, 13
 POOL_CASES = [((2, 16, 9, 11), (3, 3), (2, 2), (0, 0), False), ((1, 13, 8, 7), (3, 3), (2, 2), (1, 1), True),
               ((2, 5, 7, 6), (2, 3), (1, 2), (1, 0), True)]
 # (shape, size, kernel, stride). NCHW tiles with one and several channel groups, channels_last
-# rows, the cell and lane backwards; C = 13 (channels_last) and size 4 run the generic kernels.
+# rows, the cell backwards of both layouts (odd sizes: a partial last cell; even: a last row and
+# column in no window); C = 13 (channels_last) and size 4 run the generic kernels.
 FUSED_CASES = [((2, 16, 11, 9), 5, (3, 3), (2, 2)), ((1, 70, 7, 7), 5, (3, 3), (2, 2)),
-               ((1, 13, 9, 10), 5, (3, 3), (2, 2)), ((2, 16, 7, 6), 4, (2, 3), (1, 2))]
+               ((1, 24, 8, 10), 5, (3, 3), (2, 2)), ((1, 13, 9, 10), 5, (3, 3), (2, 2)),
+               ((2, 16, 7, 6), 4, (2, 3), (1, 2))]
 # (shape, c_out, kernel, stride, padding). For the cudnn backward's ReLU mask and bias pass
 # (channels_last, C_out a multiple of the 16-byte vector): one and several blocks of rows, rows
 # not a multiple of a block's; C_out = 5 takes the fallback.

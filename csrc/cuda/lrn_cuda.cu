@@ -13,11 +13,12 @@
 // channels_last gives each thread one pooled pixel and VEC channels: it computes the LRN of every
 // window position from the input (the window's neighbour channels come from L1/L2), so a pixel
 // covered by several windows is normalised once per window, with no shared memory.
-// lrn_max_pool2d_backward, NCHW, reads x, indices and grad_out and writes dx in one kernel: the
-// gradient of the LRN output is gathered on the fly from the pool windows covering each 2x2 stride
-// cell of the 3x3/2 pool (each window read once), then passed through the LRN gradient as in
-// lrn_backward. channels_last runs max_pool2d_backward, then lrn_backward (lrn_max_pool2d_backward_fast
-// says why).
+// lrn_max_pool2d_backward reads x, indices and grad_out and writes dx in one kernel: the gradient
+// of the LRN output is gathered on the fly from the pool windows covering each 2x2 stride cell of
+// the 3x3/2 pool (each window read once per cell), then passed through the LRN gradient as in
+// lrn_backward: along the channel walk (NCHW) or across lanes (channels_last). Other pools in
+// channels_last run max_pool2d_backward, then lrn_backward. lrn_max_pool2d_backward_relu is the
+// channels_last kernel with the ReLU's mask and the bias gradient's channel sums added.
 // Other LRN sizes, other pools in the NCHW fused backward, float64, channel counts the vectors do
 // not divide and misaligned tensors run the generic kernels: one thread per element, summing each
 // window directly.
@@ -293,32 +294,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dx of lrn: the whole tensor is one row of chunks, as in the forward; block b takes the
-// kChunksPerBlock contiguous chunks of tile b.
-// RELU: x is the output of a ReLU, and the kernel writes the gradient of the ReLU's input instead:
-// dx where x > 0, else 0 (threshold_backward's rule: a NaN x passes its gradient). It also sums
-// what it writes per channel: block b walks tiles b, b + gridDim.x, ..., each lane adding its
-// values up in registers, then the block adds its lanes per channel in a fixed order and writes
-// partial[b, C]; launch_bias_grad_sum adds the blocks' rows. Deterministic, and the grid (the
-// blocks that fit on the GPU at once) keeps partial small enough for that last sum to be quick.
-constexpr int kChunksPerBlock = kWarps * kProducingLanes;
-
-template <typename T, int SIZE, int VEC, bool RELU>
-__device__ __forceinline__ void lrn_backward_nhwc_tile(const T* __restrict__ grad, const T* __restrict__ x,
-                                                       T* __restrict__ dx, const LaneChunk& lc, int C,
-                                                       const LrnParams<float>& prm, float (&y)[VEC]) {
+// The LRN gradient of a lane's chunk of VEC channels of one pixel, from x and the gradient g of the
+// LRN output there (zeros, and `loads` false, in lanes that hold no chunk); the window sums of x^2
+// and of the gradient terms come from the neighbouring lanes (has_left / has_right: their chunk is
+// the same pixel's). RELU: x is the output of a ReLU, and y is the gradient of the ReLU's input
+// instead: y where x > 0, else 0 (threshold_backward's rule: a NaN x passes its gradient). Every
+// lane of the warp must call it.
+template <int SIZE, int VEC, bool RELU>
+__device__ __forceinline__ void lrn_grad_chunk(const float (&xv)[VEC], const float (&gv)[VEC], bool loads,
+                                               bool has_left, bool has_right, const LrnParams<float>& prm,
+                                               float (&y)[VEC]) {
   constexpr int kBefore = SIZE / 2, kAfter = (SIZE - 1) / 2;
-  const int64_t e = static_cast<int64_t>(lc.q) * VEC;
-  float xv[VEC], gv[VEC];
-  int c0 = 0;
-  fill_zero(xv);
-  fill_zero(gv);
-  if (lc.loads) {
-    c0 = static_cast<int>(static_cast<unsigned>(lc.q) % static_cast<unsigned>(C / VEC)) * VEC;
-    load_as<VEC>(x + e, xv);
-    load_as<VEC>(grad + e, gv);
-  }
-  const bool has_left = c0 > 0, has_right = c0 + VEC < C;
   float sq[VEC], sums[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) sq[v] = xv[v] * xv[v];
@@ -327,7 +313,7 @@ __device__ __forceinline__ void lrn_backward_nhwc_tile(const T* __restrict__ gra
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
     lrn_grad_terms(sums[v], xv[v], gv[v], prm, gf[v], t[v]);
-    t[v] = lc.loads ? t[v] : 0.f;
+    t[v] = loads ? t[v] : 0.f;
   }
   // Channel c collects the terms of the channels whose window holds it: [c - kAfter, c + kBefore].
   lane_window_sums<kAfter, kBefore>(t, has_left, has_right, tsums);
@@ -336,39 +322,46 @@ __device__ __forceinline__ void lrn_backward_nhwc_tile(const T* __restrict__ gra
     y[v] = gf[v] - xv[v] * tsums[v];
     if constexpr (RELU) y[v] = xv[v] <= 0.f ? 0.f : y[v];
   }
-  if (lc.produces) store_as<VEC>(dx + e, y);
 }
 
+// dx of lrn: the whole tensor is one row of chunks, as in the forward.
 template <typename T, int SIZE, int VEC>
 __global__ void __launch_bounds__(kThreads)
     lrn_backward_nhwc_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx, int warps,
                              int chunks, int C, LrnParams<float> prm) {
   const LaneChunk lc = lane_chunk(warps, chunks);
   if (lc.row > 0) return;  // the whole warp
-  float y[VEC];
-  lrn_backward_nhwc_tile<T, SIZE, VEC, false>(grad, x, dx, lc, C, prm, y);
+  const int64_t e = static_cast<int64_t>(lc.q) * VEC;
+  float xv[VEC], gv[VEC], y[VEC];
+  int c0 = 0;
+  fill_zero(xv);
+  fill_zero(gv);
+  if (lc.loads) {
+    c0 = static_cast<int>(static_cast<unsigned>(lc.q) % static_cast<unsigned>(C / VEC)) * VEC;
+    load_as<VEC>(x + e, xv);
+    load_as<VEC>(grad + e, gv);
+  }
+  lrn_grad_chunk<SIZE, VEC, false>(xv, gv, lc.loads, c0 > 0, c0 + VEC < C, prm, y);
+  if (lc.produces) store_as<VEC>(dx + e, y);
 }
 
-// Requires C / VEC <= kThreads (one channel group per thread in the final sums) and a grid that
-// is a multiple of relu_grid_multiple(C / VEC): then tile b + k * gridDim.x starts at a chunk
-// congruent to tile b's modulo C / VEC, so every lane meets the same channel group in each of its
-// block's tiles, and adds up its values in registers with no barrier until the end.
-template <typename T, int SIZE, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    lrn_backward_relu_nhwc_kernel(const T* __restrict__ grad, const T* __restrict__ x, T* __restrict__ dx,
-                                  int warps, int chunks, int C, LrnParams<float> prm, float* __restrict__ partial) {
-  const int tiles = (chunks + kChunksPerBlock - 1) / kChunksPerBlock;
-  float acc[VEC];
-  fill_zero(acc);
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    LaneChunk lc = lane_chunk(warps, chunks, tile);
-    if (lc.row > 0) lc.loads = lc.produces = false;  // warps past the last chunk, in the last tile
-    float y[VEC];
-    lrn_backward_nhwc_tile<T, SIZE, VEC, true>(grad, x, dx, lc, C, prm, y);
-    // the values as stored (rounded to T), as the unfused ops' bias gradient sums them
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) acc[v] += lc.produces ? static_cast<float>(static_cast<T>(y[v])) : 0.f;
-  }
+// Chunks of one block's tile in the kernels below: its warps' producing lanes.
+constexpr int kChunksPerBlock = kWarps * kProducingLanes;
+
+// The grid of a kernel that sums per channel with write_channel_partials must be a multiple of
+// this: the smallest m with m * kChunksPerBlock a multiple of the channel groups. Then tile
+// b + k * gridDim.x starts at a chunk congruent to tile b's modulo the groups, so every lane meets
+// the same channel group in each of its block's tiles and adds its values up in registers, with no
+// barrier until the end.
+int relu_grid_multiple(int64_t groups) { return static_cast<int>(groups / std::gcd(int64_t(kChunksPerBlock), groups)); }
+
+// The end of such a kernel: acc holds what each producing lane wrote, summed over its tiles. The
+// block adds its lanes per channel in a fixed order and writes partial[blockIdx.x, C];
+// launch_bias_grad_sum adds the blocks' rows. Deterministic, and the grid (the blocks that fit on
+// the GPU at once) keeps partial small enough for that last sum to be quick. Needs
+// C / VEC <= kThreads (one channel group per thread).
+template <int VEC>
+__device__ __forceinline__ void write_channel_partials(const float (&acc)[VEC], int C, float* __restrict__ partial) {
   __shared__ float lanes[kChunksPerBlock][VEC];
   const int lane = threadIdx.x & 31, slot = (threadIdx.x / 32) * kProducingLanes + lane - 1;
   if (lane >= 1 && lane <= kProducingLanes) {
@@ -391,9 +384,96 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The grid of lrn_backward_relu_nhwc_kernel must be a multiple of this: the smallest m with
-// m * kChunksPerBlock a multiple of the channel groups.
-int relu_grid_multiple(int64_t groups) { return static_cast<int>(groups / std::gcd(int64_t(kChunksPerBlock), groups)); }
+// dx of lrn_max_pool2d, channels_last, 3x3/2 pool without padding, in one pass. The lanes take the
+// chunks of the stream of stride cells (cells (n, i, j) in order, C / VEC chunks each) as LaneChunk
+// lays them out, and block b the tiles b, b + gridDim.x, ... A lane reads the (at most 2x2)
+// windows covering its cell once, gathers from them the gradient of the LRN output at the cell's
+// 2x2 pixels (PoolCell: PyTorch's order, rounded to T as the pool's gradient would be stored), and
+// passes each pixel through the LRN gradient. HBM sees x and dx once and the pooled gradient and
+// indices about once (the neighbouring cells' re-reads hit L1/L2): the pool's full-resolution
+// gradient, which max_pool2d_backward followed by lrn_backward writes and reads back, never
+// exists. (Gathering per pixel instead of per cell read each window 2.25 times from L2 and ran at
+// a fraction of the two passes' speed.)
+// RELU: x is the output of a ReLU; dx is the gradient of the ReLU's input (lrn_grad_chunk), and
+// its per-channel sums go to partial (write_channel_partials; the grid is a multiple of
+// relu_grid_multiple).
+template <typename T, int SIZE, int VEC, bool RELU>
+__global__ void __launch_bounds__(kThreads, 2)
+    lrn_max_pool2d_backward_nhwc_kernel(const T* __restrict__ grad, const uint8_t* __restrict__ indices,
+                                        const T* __restrict__ x, T* __restrict__ dx, int warps, int chunks, int C,
+                                        int cells_h, int cells_w, PoolShape s, LrnParams<float> prm,
+                                        float* __restrict__ partial) {
+  using Cell = PoolCell<kCellK, kCellK, kCellS, kCellS>;
+  const unsigned groups = static_cast<unsigned>(C / VEC);
+  const int tiles = (chunks + kChunksPerBlock - 1) / kChunksPerBlock;
+  float acc[VEC];
+  fill_zero(acc);
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    LaneChunk lc = lane_chunk(warps, chunks, tile);
+    if (lc.row > 0) lc.loads = lc.produces = false;  // warps past the last chunk, in the last tile
+    int c0 = 0, i = 0, j = 0;
+    int64_t n = 0;
+    if (lc.loads) {
+      const unsigned cell = static_cast<unsigned>(lc.q) / groups, row = cell / static_cast<unsigned>(cells_w);
+      c0 = static_cast<int>(static_cast<unsigned>(lc.q) - cell * groups) * VEC;
+      n = row / static_cast<unsigned>(cells_h);
+      i = static_cast<int>(row - static_cast<unsigned>(n) * cells_h);
+      j = static_cast<int>(cell - row * cells_w);
+    }
+    // All loads first, so that they are in flight together: x at the cell's pixels (r, s) ...
+    bool pix_ok[kCellS][kCellS];
+    Vec<T, VEC> xr[kCellS][kCellS] = {};
+#pragma unroll
+    for (int r = 0; r < kCellS; ++r) {
+#pragma unroll
+      for (int c = 0; c < kCellS; ++c) {
+        const int h = i * kCellS + r, w = j * kCellS + c;
+        pix_ok[r][c] = lc.loads && h < s.H && w < s.W;
+        if (pix_ok[r][c]) xr[r][c] = load_vec<VEC>(x + ((n * s.H + h) * s.W + w) * C + c0);
+      }
+    }
+    // ... and the gradient and indices of the windows (i - a, j - b), added in (oh, ow) order.
+    float cell[VEC][kCellS][kCellS] = {};
+#pragma unroll
+    for (int a = Cell::kWinH - 1; a >= 0; --a) {
+#pragma unroll
+      for (int b = Cell::kWinW - 1; b >= 0; --b) {
+        const int oh = i - a, ow = j - b;
+        if (lc.loads && oh >= 0 && oh < s.OH && ow >= 0 && ow < s.OW) {
+          const int64_t o = ((n * s.OH + oh) * s.OW + ow) * C + c0;
+          const Vec<uint8_t, VEC> k = load_vec<VEC>(indices + o);
+          float gv[VEC];
+          load_as<VEC>(grad + o, gv);
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) Cell::add(a, b, k.v[v], gv[v], cell[v]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kCellS; ++r) {
+#pragma unroll
+      for (int c = 0; c < kCellS; ++c) {
+        const bool ok = pix_ok[r][c];
+        float xv[VEC], gv[VEC], y[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          xv[v] = ok ? static_cast<float>(xr[r][c].v[v]) : 0.f;
+          gv[v] = ok ? static_cast<float>(static_cast<T>(cell[v][r][c])) : 0.f;
+        }
+        lrn_grad_chunk<SIZE, VEC, RELU>(xv, gv, ok, c0 > 0, c0 + VEC < C, prm, y);
+        if (lc.produces && ok) {
+          store_as<VEC>(dx + ((n * s.H + i * kCellS + r) * s.W + j * kCellS + c) * C + c0, y);
+          if constexpr (RELU) {
+            // the values as stored (rounded to T), as the unfused ops' bias gradient sums them
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) acc[v] += static_cast<float>(static_cast<T>(y[v]));
+          }
+        }
+      }
+    }
+  }
+  if constexpr (RELU) write_channel_partials(acc, C, partial);
+}
 
 // ================================================================================================
 // Fused forward
@@ -873,29 +953,65 @@ at::Tensor pool_gradient(const at::Tensor& g, const at::Tensor& indices, const P
   return pool_backward.call(g, indices, {s.H, s.W}, {s.kh, s.kw}, {s.sh, s.sw}, {s.ph, s.pw});
 }
 
+// channels_last, AlexNet's LRN size and 3x3/2 pool, whole vectors: lrn_max_pool2d_backward_nhwc_kernel
+// (false: not applicable). RELU: for x = relu(z), dx is the gradient of z, and its per-channel sum
+// goes to bias_grad.
+template <typename T, bool RELU>
+bool lrn_max_pool2d_backward_nhwc(const at::Tensor& g, const at::Tensor& x, const at::Tensor& indices,
+                                  at::Tensor& dx, at::Tensor* bias_grad, const PoolShape& s,
+                                  const LrnParams<float>& prm, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t cells_h = ceil_div(s.H, kCellS), cells_w = ceil_div(s.W, kCellS);
+  const int64_t chunks = N * cells_h * cells_w * (C / kVec), warps = ceil_div(chunks, kProducingLanes);
+  const bool cell_pool = s.kh == kCellK && s.kw == kCellK && s.sh == kCellS && s.sw == kCellS && s.ph == 0 && s.pw == 0;
+  if (!is_channels_last(output_memory_format(x)) || !cell_pool ||
+      !channels_last_vectors<T>(C, {&x, &g, &indices, &dx}) || !fits_index32(chunks + kChunksPerBlock) ||
+      (RELU && C / kVec > kThreads)) {
+    return false;
+  }
+  const auto kernel = lrn_max_pool2d_backward_nhwc_kernel<T, kFastLrnSize, kVec, RELU>;
+  int64_t blocks = ceil_div(chunks, kChunksPerBlock);  // one tile per block
+  at::Tensor partial;
+  if constexpr (RELU) {
+    // As many blocks as fit on the GPU at once (each walks a few dozen tiles at AlexNet's sizes),
+    // rounded up to the kernel's multiple (the extra blocks, if any, write zero sums).
+    static const int per_sm = [&] {
+      int n = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
+      return std::max(n, 1);
+    }();
+    const int64_t multiple = relu_grid_multiple(C / kVec);
+    blocks = ceil_div(std::min<int64_t>(blocks, int64_t(sm_count()) * per_sm), multiple) * multiple;
+    partial = poison_if_debug(at::empty({blocks, C}, x.options().dtype(at::kFloat)));
+  }
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      g.const_data_ptr<T>(), indices.const_data_ptr<uint8_t>(), x.const_data_ptr<T>(), dx.mutable_data_ptr<T>(),
+      static_cast<int>(warps), static_cast<int>(chunks), static_cast<int>(C), static_cast<int>(cells_h),
+      static_cast<int>(cells_w), s, prm, RELU ? partial.mutable_data_ptr<float>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if constexpr (RELU) launch_bias_grad_sum<T>(partial, *bias_grad, stream);
+  return true;
+}
+
 template <typename T>
 bool lrn_max_pool2d_backward_fast(const at::Tensor& g, const at::Tensor& x, const at::Tensor& indices,
                                   at::Tensor& dx, const PoolShape& s, const LrnParams<float>& prm,
                                   cudaStream_t stream) {
   const int64_t N = x.size(0), C = x.size(1);
-  const T* gp = g.const_data_ptr<T>();
-  const T* xp = x.const_data_ptr<T>();
-  const uint8_t* ip = indices.const_data_ptr<uint8_t>();
-  T* dp = dx.mutable_data_ptr<T>();
   if (is_channels_last(output_memory_format(x))) {
-    // The pool's gradient at full resolution, then the LRN's: each pass runs at the bandwidth of
-    // its own kernel. Gathering the pooled gradient per pixel inside the LRN backward (1 to 4
-    // windows of dependent loads each) ran at a fraction of it: 0.163 ms against 0.036 + 0.067
-    // for bf16 128x96x54x54 on the H200.
-    return lrn_backward_fast<T>(pool_gradient(g, indices, s), x, dx, prm, stream);
+    // Other pools: the pool's gradient at full resolution, then the LRN's.
+    return lrn_max_pool2d_backward_nhwc<T, false>(g, x, indices, dx, nullptr, s, prm, stream) ||
+           lrn_backward_fast<T>(pool_gradient(g, indices, s), x, dx, prm, stream);
   }
   const int64_t cells_h = ceil_div(s.H, kCellS), cells_w = ceil_div(s.W, kCellS), cells = N * cells_h * cells_w;
   if (s.kh != kCellK || s.kw != kCellK || s.sh != kCellS || s.sw != kCellS || !fits_index32(cells)) return false;
   const int chunk = channel_chunk(cells, C);
   const dim3 grid(grid_blocks(cells, kThreads), static_cast<unsigned>(ceil_div(C, chunk)));
   lrn_max_pool2d_backward_nchw_kernel<T, kFastLrnSize, kCellUnroll><<<grid, kThreads, 0, stream>>>(
-      gp, ip, xp, dp, static_cast<int>(cells), static_cast<int>(cells_h), static_cast<int>(cells_w),
-      static_cast<int>(C), chunk, s, prm);
+      g.const_data_ptr<T>(), indices.const_data_ptr<uint8_t>(), x.const_data_ptr<T>(), dx.mutable_data_ptr<T>(),
+      static_cast<int>(cells), static_cast<int>(cells_h), static_cast<int>(cells_w), static_cast<int>(C), chunk, s,
+      prm);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -953,40 +1069,6 @@ at::Tensor lrn_max_pool2d_backward_cuda(const at::Tensor& grad_out, const at::Te
   return dx;
 }
 
-// channels_last, AlexNet's LRN size, whole vectors: the pool's gradient, then the masked LRN
-// gradient with its per-block channel sums, then their column sum (false: not applicable).
-template <typename T>
-bool lrn_max_pool2d_backward_relu_fast(const at::Tensor& g, const at::Tensor& x, const at::Tensor& indices,
-                                       at::Tensor& dx, at::Tensor& bias_grad, const PoolShape& s,
-                                       const LrnParams<float>& prm, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
-  const int64_t C = x.size(1), chunks = x.numel() / kVec, warps = ceil_div(chunks, kProducingLanes);
-  if (!is_channels_last(output_memory_format(x)) || !channels_last_vectors<T>(C, {&x, &dx}) ||
-      !fits_index32(chunks + kChunksPerBlock) || C / kVec > kThreads) {
-    return false;
-  }
-  const at::Tensor gy = pool_gradient(g, indices, s);
-  if (!channels_last_vectors<T>(C, {&gy})) return false;
-  // As many blocks as fit on the GPU at once (each walks a few dozen tiles at AlexNet's sizes),
-  // rounded up to the kernel's multiple (the extra blocks, if any, write zero sums).
-  const auto kernel = lrn_backward_relu_nhwc_kernel<T, kFastLrnSize, kVec>;
-  static const int per_sm = [&] {
-    int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
-    return std::max(n, 1);
-  }();
-  const int64_t multiple = relu_grid_multiple(C / kVec);
-  const int64_t blocks =
-      ceil_div(std::min<int64_t>(ceil_div(chunks, kChunksPerBlock), int64_t(sm_count()) * per_sm), multiple) * multiple;
-  at::Tensor partial = poison_if_debug(at::empty({blocks, C}, x.options().dtype(at::kFloat)));
-  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      gy.const_data_ptr<T>(), x.const_data_ptr<T>(), dx.mutable_data_ptr<T>(), static_cast<int>(warps),
-      static_cast<int>(chunks), static_cast<int>(C), prm, partial.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_bias_grad_sum<T>(partial, bias_grad, stream);
-  return true;
-}
-
 // (dz, bias gradient) for x = relu(z): lrn_max_pool2d's input gradient passed back through the
 // ReLU, and its sum per channel.
 std::tuple<at::Tensor, at::Tensor> lrn_max_pool2d_backward_relu_cuda(
@@ -1002,7 +1084,7 @@ std::tuple<at::Tensor, at::Tensor> lrn_max_pool2d_backward_relu_cuda(
     bool done = false;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lrn_max_pool2d_backward_relu", [&] {
       if constexpr (!std::is_same_v<scalar_t, double>) {
-        done = lrn_max_pool2d_backward_relu_fast<scalar_t>(g, xc, idx, dz, bias_grad, s,
+        done = lrn_max_pool2d_backward_nhwc<scalar_t, true>(g, xc, idx, dz, &bias_grad, s,
                                                            make_lrn_params<float>(size, alpha, beta, k),
                                                            at::cuda::getCurrentCUDAStream());
       }

@@ -121,22 +121,23 @@ def time_fn(fn, device_type: str, warmup_ms: float = 25, rep_ms: float = 100, mi
     return Timing(ms, p20, p80, f"triton do_bench (CUDA events, L2 flushed per call), rep {rep_ms} ms")
 
 
-def graph_replays(calls):
-    """Each of ``calls`` (zero-argument callables) captured in its own CUDA graph, after a warm-up
-    call on a side stream (compilation, autotuning, the allocator); returns a callable that
-    replays them in turn. Timing the replays measures the kernels without the host's per-call
-    work (Python, dispatch, autograd), which otherwise dominates ops of tens of microseconds."""
+def graph_replays(calls, stream=None):
+    """Each of ``calls`` (zero-argument callables) captured in its own CUDA graph on ``stream`` (a
+    new side stream if None), after a warm-up call there (compilation, autotuning, the
+    allocator); returns a callable that replays them in turn. Timing the replays measures the
+    kernels without the host's per-call work (Python, dispatch, autograd), which otherwise
+    dominates ops of tens of microseconds."""
     import torch
 
     graphs = []
     for call in calls:
-        side = torch.cuda.Stream()
+        side = stream or torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             call()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             call()
         graphs.append(graph)
     order = itertools.cycle(graphs)

@@ -136,10 +136,15 @@ def provider_fn(case: OpCase, provider: str, device: str):
 
 @dataclass
 class Prepared:
-    fn: object  # the timed callable: one call of the mode on the next input set
-    calls: list  # one call of the mode per input set, in rotation order (what graph timing captures)
+    make_calls: object  # () -> one call of the mode per input set, in rotation order. Mode "bwd"
+    # runs the forwards first, on the current stream: their backward runs on it (and can be captured).
     first_call_s: float  # compile time for the compile provider
     rel_err: float  # normwise difference from eager (output and every gradient)
+
+    def plain(self):
+        """The timed callable without a graph: one call of the mode on the next input set."""
+        order = itertools.cycle(self.make_calls())
+        return lambda: next(order)()
 
 
 class OpBench:
@@ -208,21 +213,22 @@ class OpBench:
         first_call_s = time.perf_counter() - start
         rel_err = max([rel_diff(out, self.ref_out)] + [rel_diff(g, r) for g, r in zip(grads, ref_grads)])
         sets = self.sets
-        if mode == "fwd":
-            def call(i):
-                with torch.no_grad():
-                    fn(*sets[i])
-        elif mode == "fwd+bwd":
-            def call(i):
-                self._grads(fn(*sets[i]), i)
-        else:
-            outs = [fn(*s) for s in sets]
 
-            def call(i):
-                self._grads(outs[i], i, retain=True)
-        calls = [functools.partial(call, i) for i in range(len(sets))]
-        order = itertools.cycle(calls)
-        return Prepared(lambda: next(order)(), calls, first_call_s, rel_err)
+        def make_calls():
+            if mode == "fwd":
+                def call(i):
+                    with torch.no_grad():
+                        fn(*sets[i])
+            elif mode == "fwd+bwd":
+                def call(i):
+                    self._grads(fn(*sets[i]), i)
+            else:
+                outs = [fn(*s) for s in sets]
+
+                def call(i):
+                    self._grads(outs[i], i, retain=True)
+            return [functools.partial(call, i) for i in range(len(sets))]
+        return Prepared(make_calls, first_call_s, rel_err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,18 +352,22 @@ def run(cfg, env: dict, save=None) -> list[dict]:
     return rows
 
 
-def _time(prepared: Prepared, mode: str, device: str, sel) -> Timing:
-    """On CUDA, the replay of a CUDA graph of each call (kernels only, see ``graph_replays``),
-    except in mode "bwd": its autograd graph is built outside the capture, on another stream.
-    Elsewhere, and where capture fails, the plain call (host work included); ``method`` says
-    which."""
-    timed, how = prepared.fn, "plain calls, host work included"
-    if device == "cuda" and mode != "bwd":
+def _time(prepared: Prepared, device: str, sel) -> Timing:
+    """On CUDA, the replay of a CUDA graph of each call (kernels only, see ``graph_replays``). In
+    mode "bwd" the forwards run on the capturing stream first, so that the backward, which
+    autograd runs on its forward's stream, is what the graph captures. Elsewhere, and where
+    capture fails, the plain calls (host work included); ``method`` says which."""
+    timed, how = None, "plain calls, host work included"
+    if device == "cuda":
         try:
-            timed, how = graph_replays(prepared.calls), "CUDA graph replay, host work excluded"
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                calls = prepared.make_calls()
+            timed, how = graph_replays(calls, stream), "CUDA graph replay, host work excluded"
         except Exception as e:  # a provider whose calls cannot be captured is timed as plain calls
             how = f"plain calls, host work included (graph capture failed: {type(e).__name__})"
-    timing = time_fn(timed, device, sel["warmup_ms"], sel["rep_ms"])
+    timing = time_fn(timed or prepared.plain(), device, sel["warmup_ms"], sel["rep_ms"])
     return dataclasses.replace(timing, method=f"{timing.method}; {how}")
 
 
@@ -368,8 +378,8 @@ def _measure(bench: OpBench, provider, mode, work, copy_gbps, ceil_tflops, sel, 
                    ceil_gbps=copy_gbps, ceil_tflops=ceil_tflops)
     try:
         prepared = bench.prepare(provider, mode)
-        timing = _time(prepared, mode, bench.device, sel)
-        peak = peak_memory_mb(prepared.fn, bench.device) if mode == "fwd+bwd" else None
+        timing = _time(prepared, bench.device, sel)
+        peak = peak_memory_mb(prepared.plain(), bench.device) if mode == "fwd+bwd" else None
     except Exception as e:  # a provider that cannot run this case is reported, never fatal
         row["status"], row["note"] = error_status(e)
         return row

@@ -182,7 +182,7 @@ def test_op_bench_modes_rotate_and_match_eager():
     for mode in roofline.MODES:
         prepared = ob.prepare("eager", mode)
         assert prepared.rel_err == 0.0
-        prepared.fn()
+        prepared.plain()()
 
 
 def test_wrong_or_failing_provider_is_flagged_not_fatal(monkeypatch):

@@ -13,6 +13,12 @@
 # on its own GPU, with CUDA events; a lane's neighbours only share the host.
 #
 # Settings (environment):
+#   SCOPE         "full" (default): every benchmark, spread over the GPUs (a per-op dtype alone
+#                 takes about 5 minutes of a GPU). "core": what one GPU does in under 10 minutes: the
+#                 build, the GPU tests, the sanitizers, the training step at B=128 (bf16, TF32,
+#                 fp32; eager, torch.compile and the graphed auto step) and the per-op benchmark of
+#                 LRN, max-pool and LRN->max-pool (bf16 and fp32, channels_last; eager, native and
+#                 auto). The settings below override either scope's.
 #   RESULTS_DIR   logs and results (default gpu-results/); the last lines printed are a summary
 #   BENCH_DTYPES  dtypes of the per-op benchmark (default "bf16 fp32 tf32 fp16")
 #   BENCH_ARGS    further narrowing of the per-op benchmark (e.g. "--layout nhwc --mode fwd+bwd")
@@ -28,7 +34,16 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS_DIR=${RESULTS_DIR:-gpu-results}
-STAGES=${*:-build test sanitize step ops train}
+SCOPE=${SCOPE:-full}
+case $SCOPE in
+  full) STAGES=${*:-build test sanitize step ops train} ;;
+  core)
+    STAGES=${*:-build test sanitize step ops}
+    BENCH_DTYPES=${BENCH_DTYPES:-bf16 fp32}
+    BENCH_ARGS=${BENCH_ARGS:---layout nhwc --kernels lrn,max_pool2d,lrn_max_pool2d --providers eager,native,auto}
+    STEP_ARGS=${STEP_ARGS:---batch-size 128 --dtype bf16,tf32,fp32 --providers eager,compile,auto+cudagraph} ;;
+  *) echo "SCOPE must be full or core, got '$SCOPE'" >&2; exit 2 ;;
+esac
 BENCH_DTYPES=${BENCH_DTYPES:-bf16 fp32 tf32 fp16}
 BENCH_ARGS=${BENCH_ARGS:-}
 OPS_GROUPS=${OPS_GROUPS-conv1,conv2,conv3,conv4,conv5 lrn,max_pool2d,lrn_max_pool2d}
@@ -59,6 +74,7 @@ fi
 
 # --- the jobs -------------------------------------------------------------------------------------
 job_test() {
+  local t0=$SECONDS
   # Compiling the Triton kernels of every test case dominates a first run: spread the tests over
   # processes when pytest-xdist is installed, one CPU thread each for the float64 CPU references,
   # or the processes oversubscribe the cores.
@@ -71,28 +87,30 @@ job_test() {
   ${TEST_TIMEOUT:+timeout $TEST_TIMEOUT} $PY -m pytest tests -k cuda "${parallel[@]}" -v --tb=short \
     --durations=15 -p no:cacheprovider >"$RESULTS_DIR/tests.log" 2>&1
   grep -E "FAILED|ERROR" "$RESULTS_DIR/tests.log" | tail -40
-  record tests "$(tail -1 "$RESULTS_DIR/tests.log")"
+  record tests "$(tail -1 "$RESULTS_DIR/tests.log") ($((SECONDS - t0)) s)"
 }
 
 job_sanitize() {
+  local t0=$SECONDS
   bash scripts/sanitize.sh >"$RESULTS_DIR/sanitize.log" 2>&1
   local rc=$?
   grep "^== " "$RESULTS_DIR/sanitize.log"
-  record sanitize "exit $rc"
+  record sanitize "exit $rc in $((SECONDS - t0)) s"
 }
 
 job_step() {
+  local t0=$SECONDS
   # shellcheck disable=SC2086
   $PY -m alexnet_fast.cli bench --train-step $STEP_ARGS --no-plots --out "$RESULTS_DIR/bench-step" >"$RESULTS_DIR/step.log" 2>&1
-  record step "exit $?"
+  record step "exit $? in $((SECONDS - t0)) s"
 }
 
 job_ops() {  # $1: the dtypes, comma-separated; $2: the kernels, comma-separated (empty: all)
-  local tag=${1//,/-}${2:+-${2%%,*}}  # e.g. bf16-conv1, fp32-lrn
+  local tag=${1//,/-}${2:+-${2%%,*}} t0=$SECONDS  # e.g. bf16-conv1, fp32-lrn
   # shellcheck disable=SC2086
   $PY -m alexnet_fast.cli bench --ops $BENCH_ARGS --dtype "$1" ${2:+--kernels "$2"} --no-plots \
     --out "$RESULTS_DIR/bench-ops-$tag" >"$RESULTS_DIR/ops-$tag.log" 2>&1
-  record "ops $1${2:+ $2}" "exit $?"
+  record "ops $1${2:+ $2}" "exit $? in $((SECONDS - t0)) s"
 }
 
 # The training loop's own speed (data pipeline and optimizer included), to set against the pure
@@ -101,9 +119,10 @@ job_ops() {  # $1: the dtypes, comma-separated; $2: the kernels, comma-separated
 TRAIN_FLAGS="--data synthetic --limit 8192 --epochs 2 --batch-size 128 --amp bf16 --channels-last \
   --backend auto --lr 0.01 --keep-checkpoints 1 --overwrite --no-progress"
 job_train() {
+  local t0=$SECONDS
   # shellcheck disable=SC2086
   $PY -m alexnet_fast.cli train $TRAIN_FLAGS --cuda-graph --out "$RESULTS_DIR/train" >"$RESULTS_DIR/train.log" 2>&1
-  record train "exit $?: $(grep -E 'img/s' "$RESULTS_DIR/train.log" | tail -1)"
+  record train "exit $? in $((SECONDS - t0)) s: $(grep -E 'img/s' "$RESULTS_DIR/train.log" | tail -1)"
 }
 
 run_job() {

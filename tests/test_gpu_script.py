@@ -9,7 +9,7 @@ CONVS = "conv1,conv2,conv3,conv4,conv5"
 POOLS = "lrn,max_pool2d,lrn_max_pool2d"
 
 
-def _run(tmp_path, gpus: int, stages: str) -> list[tuple[str, str]]:
+def _run(tmp_path, gpus: int, stages: str, **env_vars) -> list[tuple[str, str]]:
     """(GPU, command) of every call gpu.sh made, in order."""
     calls = tmp_path / "calls.log"
     fake = tmp_path / "python"
@@ -19,7 +19,7 @@ def _run(tmp_path, gpus: int, stages: str) -> list[tuple[str, str]]:
         f'  *) echo "$CUDA_VISIBLE_DEVICES|$*" >> {calls}; sleep 0.3 ;; esac\n'  # a job takes time
     )
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    env = {**os.environ, "PY": str(fake), "RESULTS_DIR": str(tmp_path / "results")}
+    env = {**os.environ, "PY": str(fake), "RESULTS_DIR": str(tmp_path / "results"), **env_vars}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     run = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu.sh"), *stages.split()], env=env,
                          capture_output=True, text=True, timeout=120)
@@ -54,3 +54,25 @@ def test_one_gpu_runs_one_ops_job(tmp_path):
     calls = _run(tmp_path, 1, "ops step")
     assert {gpu for gpu, _ in calls} == {"0"}
     assert _ops_jobs(calls) == [("bf16,fp32,tf32,fp16", "")]
+
+
+def test_core_scope_is_the_one_gpu_call(tmp_path):
+    """SCOPE=core: by default build, tests, sanitizers, the step at B=128 in three dtypes and the
+    pooling ops in bf16 and fp32; an explicit setting still overrides it."""
+    calls = _run(tmp_path, 1, "", SCOPE="core")
+    cmds = [cmd for _, cmd in calls]
+    assert any("pip install" in c for c in cmds) and any("-m pytest tests -k cuda" in c for c in cmds)
+    step = next(c for c in cmds if "bench --train-step" in c)
+    assert "--batch-size 128 --dtype bf16,tf32,fp32" in step
+    assert _ops_jobs(calls) == [("bf16,fp32", "lrn,max_pool2d,lrn_max_pool2d")]
+    assert not any("cli train" in c for c in cmds)
+    (tmp_path / "again").mkdir()
+    calls = _run(tmp_path / "again", 1, "ops", SCOPE="core", BENCH_DTYPES="fp16")
+    assert _ops_jobs(calls) == [("fp16", "lrn,max_pool2d,lrn_max_pool2d")]
+
+
+def test_unknown_scope_is_refused(tmp_path):
+    env = {**os.environ, "SCOPE": "everything", "RESULTS_DIR": str(tmp_path / "results")}
+    run = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu.sh")], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 2 and "SCOPE must be full or core" in run.stderr

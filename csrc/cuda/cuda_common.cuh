@@ -447,6 +447,30 @@ struct PoolCell {
       }
     }
   }
+
+  // channels_last: adds every window covering cell (i, j) of image n to acc, for the VEC channels
+  // from c0 (grad and indices are the pool's output-shaped tensors, C channels); nothing where
+  // `valid` is false.
+  template <int VEC, typename T, typename A>
+  __device__ __forceinline__ static void gather_nhwc(const T* __restrict__ grad, const uint8_t* __restrict__ indices,
+                                                     int64_t n, int i, int j, int c0, int C, const PoolShape& ps,
+                                                     bool valid, A (&acc)[VEC][SH][SW]) {
+#pragma unroll
+    for (int a = kWinH - 1; a >= 0; --a) {
+#pragma unroll
+      for (int b = kWinW - 1; b >= 0; --b) {
+        const int oh = i - a, ow = j - b;
+        if (valid && oh >= 0 && oh < ps.OH && ow >= 0 && ow < ps.OW) {
+          const int64_t o = ((n * ps.OH + oh) * ps.OW + ow) * C + c0;
+          const Vec<uint8_t, VEC> k = load_vec<VEC>(indices + o);
+          A g[VEC];
+          load_as<VEC>(grad + o, g);
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) add(a, b, k.v[v], g[v], acc[v]);
+        }
+      }
+    }
+  }
 };
 
 // ------------------------------------------------------------------------------------------------

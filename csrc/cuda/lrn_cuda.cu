@@ -432,23 +432,9 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (pix_ok[r][c]) xr[r][c] = load_vec<VEC>(x + ((n * s.H + h) * s.W + w) * C + c0);
       }
     }
-    // ... and the gradient and indices of the windows (i - a, j - b), added in (oh, ow) order.
+    // ... and the gradient and indices of the windows covering the cell.
     float cell[VEC][kCellS][kCellS] = {};
-#pragma unroll
-    for (int a = Cell::kWinH - 1; a >= 0; --a) {
-#pragma unroll
-      for (int b = Cell::kWinW - 1; b >= 0; --b) {
-        const int oh = i - a, ow = j - b;
-        if (lc.loads && oh >= 0 && oh < s.OH && ow >= 0 && ow < s.OW) {
-          const int64_t o = ((n * s.OH + oh) * s.OW + ow) * C + c0;
-          const Vec<uint8_t, VEC> k = load_vec<VEC>(indices + o);
-          float gv[VEC];
-          load_as<VEC>(grad + o, gv);
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) Cell::add(a, b, k.v[v], gv[v], cell[v]);
-        }
-      }
-    }
+    Cell::gather_nhwc(grad, indices, n, i, j, c0, C, s, lc.loads, cell);
 #pragma unroll
     for (int r = 0; r < kCellS; ++r) {
 #pragma unroll

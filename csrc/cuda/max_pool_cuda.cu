@@ -219,21 +219,7 @@ __global__ void __launch_bounds__(kThreads)
   const int c0 = static_cast<int>(t - cell * (C / VEC)) * VEC;
   const int i = static_cast<int>(cell_row - n * cells_h), j = static_cast<int>(cell - cell_row * cells_w);
   A acc[VEC][kCellS][kCellS] = {};
-#pragma unroll
-  for (int a = Cell::kWinH - 1; a >= 0; --a) {
-#pragma unroll
-    for (int b = Cell::kWinW - 1; b >= 0; --b) {
-      const int oh = i - a, ow = j - b;
-      if (oh >= 0 && oh < s.OH && ow >= 0 && ow < s.OW) {
-        const int64_t o = ((static_cast<int64_t>(n) * s.OH + oh) * s.OW + ow) * C + c0;
-        const Vec<uint8_t, VEC> k = load_vec<VEC>(indices + o);
-        A gv[VEC];
-        load_as<VEC>(grad + o, gv);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) Cell::add(a, b, k.v[v], gv[v], acc[v]);
-      }
-    }
-  }
+  Cell::gather_nhwc(grad, indices, n, i, j, c0, C, s, true, acc);
 #pragma unroll
   for (int r = 0; r < kCellS; ++r) {
 #pragma unroll

@@ -87,15 +87,20 @@ class ConvReLU(_BackendModule):
         super().__init__(backend)
         self.net = nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, padding))
 
-    def forward(self, x, lrn_pool: bool = False):
-        """relu(conv(x)); with ``lrn_pool``, followed by the seed's LRN and max-pool in one op
-        (``ops.conv2d_relu_lrn_max_pool2d``, as :meth:`AlexNet.features_forward` runs it)."""
+    def forward(self, x, pool: str | None = None):
+        """relu(conv(x)); followed in one op (as :meth:`AlexNet.features_forward` runs it) by the
+        seed's LRN and max-pool with ``pool="lrn_max_pool2d"`` (``ops.conv2d_relu_lrn_max_pool2d``)
+        or its max-pool with ``pool="max_pool2d"`` (``ops.conv2d_relu_max_pool2d``)."""
         conv = self.net[0]
-        if lrn_pool:
-            return ops.conv2d_relu_lrn_max_pool2d(x, conv.weight, conv.bias, conv.stride, conv.padding, **LRN_PARAMS,
-                                                  kernel_size=POOL_PARAMS["kernel_size"],
-                                                  pool_stride=POOL_PARAMS["stride"], backend=self.backend)
-        return ops.conv2d_relu(x, conv.weight, conv.bias, conv.stride, conv.padding, backend=self.backend)
+        args = (x, conv.weight, conv.bias, conv.stride, conv.padding)
+        pooling = dict(kernel_size=POOL_PARAMS["kernel_size"], pool_stride=POOL_PARAMS["stride"], backend=self.backend)
+        if pool == "lrn_max_pool2d":
+            return ops.conv2d_relu_lrn_max_pool2d(*args, **LRN_PARAMS, **pooling)
+        if pool == "max_pool2d":
+            return ops.conv2d_relu_max_pool2d(*args, **pooling)
+        if pool is not None:
+            raise ValueError(f"pool must be None, 'lrn_max_pool2d' or 'max_pool2d', got {pool!r}")
+        return ops.conv2d_relu(*args, backend=self.backend)
 
 
 class LRNMaxPool(_BackendModule):
@@ -188,16 +193,17 @@ class AlexNet(nn.Module):
                 m.backend = name
 
     def features_forward(self, x):
-        """``self.features(x)``, where a convolution and the LRN->max-pool after it (of the same
-        backend) run as one op, ``ConvReLU(x, lrn_pool=True)``: its backward saves a pass."""
+        """``self.features(x)``, where a convolution and the pool after it (of the same backend)
+        run as one op, ``ConvReLU(x, pool=...)``: its backward saves a pass."""
         layers = list(self.features)
         i = 0
         while i < len(layers):
             layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
-            fused = (isinstance(layer, ConvReLU) and isinstance(after, LRNMaxPool) and after.lrn
-                     and after.backend == layer.backend)
-            x = layer(x, lrn_pool=True) if fused else layer(x)
-            i += 2 if fused else 1
+            pool = None
+            if isinstance(layer, ConvReLU) and isinstance(after, (LRNMaxPool, MaxPool)) and after.backend == layer.backend:
+                pool = "lrn_max_pool2d" if getattr(after, "lrn", False) else "max_pool2d"
+            x = layer(x, pool=pool) if pool else layer(x)
+            i += 2 if pool else 1
         return x
 
     def forward(self, x):

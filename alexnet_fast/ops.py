@@ -17,7 +17,8 @@ from torch import Tensor
 
 from alexnet_fast import autograd, autotable, backends, optim, reference, space_to_depth
 
-__all__ = ["conv2d_relu", "lrn", "max_pool2d", "lrn_max_pool2d", "conv2d_relu_lrn_max_pool2d"]
+__all__ = ["conv2d_relu", "lrn", "max_pool2d", "lrn_max_pool2d", "conv2d_relu_lrn_max_pool2d",
+           "conv2d_relu_max_pool2d"]
 
 # uint8 window offsets hold kernel areas up to 256.
 MAX_POOL_WINDOW = 256
@@ -178,27 +179,47 @@ def conv2d_relu_cudnn_s2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride
     return space_to_depth.conv2d_relu(x, weight, bias, stride, padding, stride1, output_memory_format(x))
 
 
-class ConvReLULRNMaxPool(torch.autograd.Function):
-    """``lrn_max_pool2d(conv2d_relu_cudnn(x, weight, bias))`` on the native ops, as one autograd
-    node. Its backward passes the gradient through the pool, the LRN and the ReLU and sums it per
-    channel (the bias gradient) in one pass (``lrn_max_pool2d_backward_relu``), and cuDNN's input
-    and weight gradients take the result as it is. The two ops apart pass the full-resolution
-    gradient through memory once more: ``conv2d_relu_cudnn_backward``'s mask and bias pass."""
+class ConvReLUPool(torch.autograd.Function):
+    """``pool(conv2d_relu_cudnn(x, weight, bias))`` on the native ops as one autograd node, the pool
+    being ``lrn_max_pool2d`` (``lrn_args`` given) or ``max_pool2d`` (``lrn_args`` None; no padding,
+    floor mode). Its backward takes the ReLU with the pool, where the two ops apart pass the
+    full-resolution gradient through memory once more (``conv2d_relu_cudnn_backward``'s mask and
+    bias pass):
+
+    * after LRN->max-pool, one pass does the pool's and the LRN's gradient, the ReLU mask and the
+      bias gradient's channel sums (``lrn_max_pool2d_backward_relu``);
+    * after a plain max-pool, the mask is applied to the pooled gradient: the element a window
+      took holds the window's maximum, so its ReLU output is positive exactly where the pooled
+      output is (NaN included), and its gradient is the pooled one. The bias gradient is then
+      the sum of the masked pooled gradient (``relu_backward_bias`` on the pooled tensors), and
+      ``max_pool2d_backward`` spreads it.
+
+    cuDNN's input and weight gradients take the result as it is."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, lrn_args, pool_args):
         ns = torch.ops.alexnet_fast
         out = ns.conv2d_relu_cudnn(x, weight, bias, stride, padding)
-        pooled, indices = ns.lrn_max_pool2d(out, *lrn_args, *pool_args)
-        ctx.save_for_backward(x, weight, out, indices)
+        if lrn_args is None:
+            pooled, indices = ns.max_pool2d(out, *pool_args, [0, 0], False)
+            ctx.save_for_backward(x, weight, pooled, indices)  # the mask's source: pooled, not out
+            ctx.input_hw = list(out.shape[-2:])
+        else:
+            pooled, indices = ns.lrn_max_pool2d(out, *lrn_args, *pool_args)
+            ctx.save_for_backward(x, weight, out, indices)
         ctx.args = (stride, padding, lrn_args, pool_args, bias is not None)
         return pooled
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, out, indices = ctx.saved_tensors
+        ns = torch.ops.alexnet_fast
+        x, weight, kept, indices = ctx.saved_tensors
         stride, padding, lrn_args, pool_args, has_bias = ctx.args
-        dz, bias_grad = torch.ops.alexnet_fast.lrn_max_pool2d_backward_relu(grad, out, indices, *lrn_args, *pool_args)
+        if lrn_args is None:
+            masked, bias_grad = ns.relu_backward_bias(grad, kept)
+            dz = ns.max_pool2d_backward(masked, indices, ctx.input_hw, *pool_args, [0, 0])
+        else:
+            dz, bias_grad = ns.lrn_max_pool2d_backward_relu(grad, kept, indices, *lrn_args, *pool_args)
         fmt = output_memory_format(x)  # cuDNN's layout, as conv2d_relu_cudnn_backward gives it
         gx, gw, _ = torch.ops.aten.convolution_backward(
             dz, x.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt), None, stride, padding, [1, 1],
@@ -206,34 +227,54 @@ class ConvReLULRNMaxPool(torch.autograd.Function):
         return gx, gw, bias_grad if has_bias else None, None, None, None, None
 
 
-def conv2d_relu_lrn_max_pool2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
-                               size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
-                               kernel_size=3, pool_stride=2, backend: str | None = None) -> Tensor:
-    """``lrn_max_pool2d(conv2d_relu(x, weight, bias, stride, padding), size, alpha, beta, k,
-    kernel_size, pool_stride)``: AlexNet's conv1 and conv2 with what follows them. Where the
-    backend runs the convolution through cuDNN (``auto`` on the GPU) and the LRN->max-pool
-    through the native kernels, the two run as :class:`ConvReLULRNMaxPool`, whose backward saves
-    a pass over the gradient; elsewhere, and under torch.compile, as the two ops."""
+def _conv2d_relu_pool(x, weight, bias, stride, padding, lrn_params, kernel_size, pool_stride, backend) -> Tensor:
+    """``pool(conv2d_relu(x, ...))`` with the pool ``lrn_max_pool2d`` (``lrn_params`` a dict of
+    size, alpha, beta, k) or ``max_pool2d`` (None): :class:`ConvReLUPool` where the backend runs
+    the convolution through cuDNN (``auto`` on the GPU) and the pool through the native kernels,
+    the two ops elsewhere and under torch.compile."""
     conv_stride, conv_padding, conv_name = _resolve_conv(x, weight, bias, stride, padding, backend)
+    pool_op = "max_pool2d" if lrn_params is None else "lrn_max_pool2d"
     if (conv_name in backends.CONV_ONLY and not torch.compiler.is_compiling()
-            and backends.resolve(backend, "lrn_max_pool2d", x.device.type) == "native"):
-        _check_lrn(size, alpha, beta, k)
+            and backends.resolve(backend, pool_op, x.device.type) == "native"):
+        lrn_args = None
+        if lrn_params is not None:
+            _check_lrn(**lrn_params)
+            p = lrn_params
+            lrn_args = (int(p["size"]), float(p["alpha"]), float(p["beta"]), float(p["k"]))
         conv_out = torch.empty(conv_out_shape(x, weight, conv_stride, conv_padding), device="meta")
         pool_kernel, pool_step, _ = _check_pool(conv_out, kernel_size, pool_stride, 0, False)
-        lrn_args = (int(size), float(alpha), float(beta), float(k))
         pool_args = (list(pool_kernel), list(pool_step))
         x, weight, bias = _autocast(x, weight, bias)
         if conv_name == "cudnn":
-            return ConvReLULRNMaxPool.apply(x, weight, bias, list(conv_stride), list(conv_padding), lrn_args,
-                                            pool_args)
+            return ConvReLUPool.apply(x, weight, bias, list(conv_stride), list(conv_padding), lrn_args, pool_args)
 
         def stride1(blocks, blocked_weight, bias):
-            return ConvReLULRNMaxPool.apply(blocks, blocked_weight, bias, [1, 1], [0, 0], lrn_args, pool_args)
+            return ConvReLUPool.apply(blocks, blocked_weight, bias, [1, 1], [0, 0], lrn_args, pool_args)
 
         return space_to_depth.conv2d_relu(x, weight, bias, conv_stride, conv_padding, stride1,
                                           output_memory_format(x))
     out = _conv2d_relu(conv_name, x, weight, bias, conv_stride, conv_padding)
-    return lrn_max_pool2d(out, size, alpha, beta, k, kernel_size, pool_stride, backend=backend)
+    if lrn_params is None:
+        return max_pool2d(out, kernel_size, pool_stride, backend=backend)
+    return lrn_max_pool2d(out, **lrn_params, kernel_size=kernel_size, stride=pool_stride, backend=backend)
+
+
+def conv2d_relu_lrn_max_pool2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+                               size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
+                               kernel_size=3, pool_stride=2, backend: str | None = None) -> Tensor:
+    """``lrn_max_pool2d(conv2d_relu(x, weight, bias, stride, padding), size, alpha, beta, k,
+    kernel_size, pool_stride)``: AlexNet's conv1 and conv2 with what follows them, as one autograd
+    node where that saves a pass (:class:`ConvReLUPool`)."""
+    return _conv2d_relu_pool(x, weight, bias, stride, padding, dict(size=size, alpha=alpha, beta=beta, k=k),
+                             kernel_size, pool_stride, backend)
+
+
+def conv2d_relu_max_pool2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+                           kernel_size=3, pool_stride=2, backend: str | None = None) -> Tensor:
+    """``max_pool2d(conv2d_relu(x, weight, bias, stride, padding), kernel_size, pool_stride)``:
+    AlexNet's conv5 with its pool, as one autograd node where that saves a pass
+    (:class:`ConvReLUPool`)."""
+    return _conv2d_relu_pool(x, weight, bias, stride, padding, None, kernel_size, pool_stride, backend)
 
 
 def lrn(x: Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0,
@@ -325,6 +366,10 @@ def _register_native() -> None:
     @reg(lib + "conv2d_relu_cudnn")
     def _(x, weight, bias, stride, padding):
         return empty_output(conv_out_shape(x, weight, stride, padding), x)
+
+    @reg(lib + "relu_backward_bias")
+    def _(grad_out, out):
+        return empty_output(grad_out.shape, out), grad_out.new_empty((grad_out.shape[1],))
 
     @reg(lib + "conv2d_relu_cudnn_backward")
     def _(grad_out, out, x, weight, stride, padding, output_mask):

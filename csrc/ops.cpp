@@ -57,6 +57,9 @@ TORCH_LIBRARY(alexnet_fast, m) {
   m.def(
       "conv2d_relu_cudnn_backward(Tensor grad_out, Tensor out, Tensor x, Tensor weight, int[2] stride, "
       "int[2] padding, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The backward of relu(conv + bias) at the ReLU: (threshold_backward(grad_out, out, 0), its sum
+  // per channel, the bias gradient), in one pass where the layout allows (channels_last on CUDA).
+  m.def("relu_backward_bias(Tensor grad_out, Tensor out) -> (Tensor, Tensor)");
 
   // torch.nn.functional.local_response_norm. Backward recomputes the denominator from x, which
   // the preceding conv2d_relu keeps anyway, so LRN saves no tensor of its own.

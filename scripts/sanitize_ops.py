@@ -40,9 +40,9 @@ POOL_CASES = [((2, 16, 9, 11), (3, 3), (2, 2), (0, 0), False), ((1, 13, 8, 7), (
 FUSED_CASES = [((2, 16, 11, 9), 5, (3, 3), (2, 2)), ((1, 70, 7, 7), 5, (3, 3), (2, 2)),
                ((1, 24, 8, 10), 5, (3, 3), (2, 2)), ((1, 13, 9, 10), 5, (3, 3), (2, 2)),
                ((2, 16, 7, 6), 4, (2, 3), (1, 2))]
-# (shape, c_out, kernel, stride, padding). For the cudnn backward's ReLU mask and bias pass
-# (channels_last, C_out a multiple of the 16-byte vector): one and several blocks of rows, rows
-# not a multiple of a block's; C_out = 5 takes the fallback.
+# (shape, c_out, kernel, stride, padding). For the ReLU mask and bias pass (relu_backward_bias and
+# the cudnn backward; channels_last, C_out a multiple of the 16-byte vector): one and several
+# blocks of rows, rows not a multiple of a block's; C_out = 5 takes the fallback.
 CONV_CASES = [((2, 3, 11, 9), 5, (3, 3), (2, 1), (1, 0)), ((1, 16, 9, 9), 24, (3, 3), (1, 1), (1, 1)),
               ((2, 8, 13, 11), 16, (3, 3), (1, 1), (1, 1))]
 
@@ -183,6 +183,13 @@ def check_conv(ops, dtype, layout, shape, c_out, kernel, stride, padding):
         return max(rel_error(got, want, normwise=True) for got, want in zip(grads, (gx, gw, gb))), CONV_TOLERANCE[dtype]
 
     run("conv2d_relu_cudnn_backward", what, cudnn_grads)
+
+    def relu_bias():
+        masked, db = ops.relu_backward_bias(g, cudnn_out)
+        want = torch.where(cudnn_out.double().cpu() <= 0, 0.0, g64)
+        return max(rel_error(masked, want), rel_error(db, want.sum((0, 2, 3)), normwise=True)), TOLERANCE[dtype]
+
+    run("relu_backward_bias", what, relu_bias)
 
 
 def check_sgd(ops, numel, offset):

@@ -141,3 +141,22 @@ def test_conv_relu_gradcheck_float64():
     w = torch.randn(4, 3, 3, 2, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: ops.conv2d_relu(*t, (2, 1), (1, 0), backend="native"), (x, w, b))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_relu_backward_bias(device, dtype, layout):
+    """relu_backward_bias: threshold_backward (a zero output masks its gradient, a NaN output
+    passes it) exactly, and the per-channel sum of what it wrote against float64. On CUDA, 16
+    channels in channels_last take the one-pass kernel and 7 the two passes."""
+    skip_unless_available("native", device)
+    for shape in ((3, 16, 5, 7), (2, 7, 4, 4)):
+        out = random_input(shape, dtype, device, layout, relu=True)
+        out[0, 1, 2, 3] = float("nan")
+        g = random_input(shape, dtype, device, layout)
+        masked, bias_grad = torch.ops.alexnet_fast.relu_backward_bias(g, out)
+        ref = torch.where(out.double().cpu() <= 0, 0.0, g.double().cpu())
+        assert_layout(masked, layout, f"masked {shape}")
+        assert masked.dtype == bias_grad.dtype == dtype and bias_grad.shape == (shape[1],)
+        assert torch.equal(masked.double().cpu(), ref), f"masked {shape} {layout}"
+        assert_close(bias_grad, ref.sum((0, 2, 3)), dtype, "gemm", what=f"bias gradient {shape} {layout}")

@@ -115,28 +115,29 @@ def test_backward_through_relu(backend, device, dtype, layout):
         assert_close(bias_grad, dz.double().sum((0, 2, 3)), dtype, "gemm", what=f"bias grad {what}")
 
 
-CONV_LRN_CASES = [  # (x shape, weight shape, stride, padding): conv1 (through space-to-depth on CUDA), conv2-like
+CONV_POOL_CASES = [  # (x shape, weight shape, stride, padding): conv1 (through space-to-depth on CUDA), conv2-like
     ((2, 3, 67, 67), (96, 3, 11, 11), 4, 0),
     ((2, 16, 15, 13), (32, 16, 5, 5), 1, 2),
 ]
 
 
+@pytest.mark.parametrize("pool", ["lrn_max_pool2d", "max_pool2d"])
 @pytest.mark.parametrize("backend", ["auto", "native", "torch"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_conv_relu_lrn_max_pool_is_the_two_ops(backend, device, layout, precision):
-    """ops.conv2d_relu_lrn_max_pool2d against conv2d_relu then lrn_max_pool2d with the same
-    backend: the same output and gradients (x, weight, bias), within rounding. On CUDA, ``auto`` runs it as one
-    autograd node (cuDNN's convolution, our LRN->max-pool and the one-pass backward through the
-    ReLU); elsewhere it is the two ops."""
+def test_conv_relu_pool_is_the_two_ops(backend, device, layout, precision, pool):
+    """ops.conv2d_relu_lrn_max_pool2d and ops.conv2d_relu_max_pool2d against conv2d_relu then the
+    pool with the same backend: the same output and gradients (x, weight, bias), within rounding.
+    On CUDA, ``auto`` runs each as one autograd node (cuDNN's convolution, our pool, and the
+    backward through the ReLU with the pool's); elsewhere it is the two ops."""
     if backend != "auto":
         skip_unless_available(backend, device)
     gen = torch.Generator().manual_seed(0)
     saved = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # both paths run the same convolutions; keep them exact
     try:
-        for x_shape, w_shape, stride, padding in CONV_LRN_CASES:
-            what = f"{backend} {precision} {layout} {x_shape} {w_shape}"
+        for x_shape, w_shape, stride, padding in CONV_POOL_CASES:
+            what = f"{pool} {backend} {precision} {layout} {x_shape} {w_shape}"
             x = random_input(x_shape, torch.float32, device, layout).requires_grad_()
             weight = (torch.randn(w_shape, generator=gen) * w_shape[1] ** -0.5).to(device).requires_grad_()
             bias = torch.randn(w_shape[0], generator=gen).to(device).requires_grad_()
@@ -144,14 +145,14 @@ def test_conv_relu_lrn_max_pool_is_the_two_ops(backend, device, layout, precisio
             for fused in (True, False):
                 with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
                     if fused:
-                        out = ops.conv2d_relu_lrn_max_pool2d(x, weight, bias, stride, padding, backend=backend)
+                        out = getattr(ops, f"conv2d_relu_{pool}")(x, weight, bias, stride, padding, backend=backend)
                     else:
-                        out = ops.lrn_max_pool2d(ops.conv2d_relu(x, weight, bias, stride, padding, backend=backend),
+                        out = getattr(ops, pool)(ops.conv2d_relu(x, weight, bias, stride, padding, backend=backend),
                                                  backend=backend)
                 g = random_input(out.shape, out.dtype, device, layout) if g is None else g
                 results.append((out, *torch.autograd.grad(out, (x, weight, bias), g)))
                 if fused and device == "cuda" and backend == "auto" and layout == "channels_last":
-                    assert type(out.grad_fn).__name__ == "ConvReLULRNMaxPoolBackward", what
+                    assert type(out.grad_fn).__name__ == "ConvReLUPoolBackward", what
             (out, *grads), (ref, *ref_grads) = results
             assert_layout(out, layout, what)
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32

@@ -117,13 +117,15 @@ def test_opcheck_cudnn_conv_cuda(layout):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_opcheck_native_only_ops(device, layout):
     """The ops of the native library that have no Triton twin: the LRN->max-pool backward
-    through a ReLU, and the SGD step (a mutating op) with momentum and bf16 copies."""
+    through a ReLU, the ReLU's backward with the bias gradient, and the SGD step (a mutating op)
+    with momentum and bf16 copies."""
     skip_unless_available("native", device)
     x = random_input((2, 16, 9, 9), torch.float32, device, layout, relu=True)
     g_pool = random_input((2, 16, 4, 4), torch.float32, device, layout)
     _, idx = ops.kernels("native").lrn_max_pool2d(x, 5, 1e-4, 0.75, 2.0, [3, 3], [2, 2])
     torch.library.opcheck(torch.ops.alexnet_fast.lrn_max_pool2d_backward_relu.default,
                           (g_pool, x, idx, 5, 1e-4, 0.75, 2.0, [3, 3], [2, 2]))
+    torch.library.opcheck(torch.ops.alexnet_fast.relu_backward_bias.default, (g_pool, x[:, :, :4, :4]))
     p, grad, buf = (random_input((5, 16, 3, 3), torch.float32, device, layout) for _ in range(3))
     low = torch.empty_like(p, dtype=torch.bfloat16)
     torch.library.opcheck(torch.ops.alexnet_fast.sgd_step_.default,

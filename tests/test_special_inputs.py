@@ -43,20 +43,31 @@ def _conv_params(c_in, dtype, device):
     return w.to(dtype).to(device), b.to(dtype).to(device)
 
 
+@pytest.mark.parametrize("channels", [7, 16])  # 16: whole 16-byte vectors of channels (the vector kernels)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("op", OPS)
-def test_nan_comes_out_where_pytorch_puts_it(backend, device, dtype, layout, op):
-    x = torch.randn(2, 7, 9, 10, dtype=torch.float64)
+def test_nan_comes_out_where_pytorch_puts_it(backend, device, dtype, layout, op, channels):
+    x = torch.randn(2, channels, 9, 10, dtype=torch.float64)
     x[0, 3, 4, 4] = float("nan")  # inside every window kind
     x[1, 0, 0, 9] = float("nan")  # at a corner and the first channel
+    x[1, 5, 6:8, 2] = float("nan")  # two in one window column: the last one wins
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = x.to(dtype).to(device).contiguous(memory_format=fmt)
-    weight, bias = _conv_params(7, dtype, device) if op == "conv2d_relu" else (None, None)
+    weight, bias = _conv_params(channels, dtype, device) if op == "conv2d_relu" else (None, None)
     out = _apply(op, x, weight, bias, backend)
     ref = _apply(op, x.double().cpu(), *(t.double().cpu() if t is not None else None for t in (weight, bias)))
     assert torch.isnan(ref).any() and not torch.isnan(ref).all(), "the case must have NaN and numbers"
     # assert_close fails unless NaN stands exactly where the reference has it
     assert_close(out, ref, dtype, KIND.get(op, "elementwise"), what=f"{op} {backend} {dtype} {layout} with NaN")
+    # The gradient goes to the NaN PyTorch picks (the last in the window). Not for the LRN in
+    # 16-bit dtypes: its rounding may flip near-ties among the numbers, which
+    # test_lrn_max_pool.py allows for.
+    if op == "max_pool2d" or (op == "lrn_max_pool2d" and dtype in (torch.float32, torch.float64)):
+        x64 = x.detach().double().cpu().requires_grad_()
+        g = torch.randn(out.shape, dtype=torch.float64)
+        (gx,) = torch.autograd.grad(_apply(op, x.requires_grad_(), backend=backend), x, g.to(dtype).to(device))
+        (gref,) = torch.autograd.grad(_apply(op, x64), x64, g.to(dtype).double())
+        assert_close(gx, gref, dtype, "elementwise", what=f"{op} {backend} {dtype} {layout} gradient with NaN")
 
 
 @pytest.mark.parametrize("op", OPS)

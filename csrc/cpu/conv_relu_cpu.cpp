@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu/cpu_common.h"
+#include "relu_bias.h"
 
 namespace alexnet_fast::cpu {
 namespace {
@@ -330,10 +331,17 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_backward_weight_cpu(const at::Ten
   return {grad_weight, grad_bias};
 }
 
+std::tuple<at::Tensor, at::Tensor> relu_backward_bias_cpu(const at::Tensor& grad_out, const at::Tensor& out) {
+  check_relu_backward_bias(grad_out, out);
+  CHECK_DEVICE_TYPE(grad_out, at::kCPU);
+  return relu_backward_bias_unfused(grad_out, out);
+}
+
 }  // namespace
 }  // namespace alexnet_fast::cpu
 
 TORCH_LIBRARY_IMPL(alexnet_fast, CPU, m) {
+  m.impl("relu_backward_bias", &alexnet_fast::cpu::relu_backward_bias_cpu);
   m.impl("conv2d_relu", &alexnet_fast::cpu::conv2d_relu_cpu);
   m.impl("conv2d_relu_backward_input", &alexnet_fast::cpu::conv2d_relu_backward_input_cpu);
   m.impl("conv2d_relu_backward_weight", &alexnet_fast::cpu::conv2d_relu_backward_weight_cpu);

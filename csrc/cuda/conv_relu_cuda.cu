@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "relu_bias.h"
 #include "conv_gemm.cuh"
 #include "cuda/cuda_common.cuh"
 #include "poison.h"
@@ -579,6 +580,15 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> relu_mask_bias_grad(const at::
   return std::make_tuple(masked, bias_grad);
 }
 
+std::tuple<at::Tensor, at::Tensor> relu_backward_bias_cuda(const at::Tensor& grad_out, const at::Tensor& out) {
+  check_relu_backward_bias(grad_out, out);
+  CHECK_DEVICE_TYPE(grad_out, at::kCUDA);
+  c10::cuda::CUDAGuard guard(grad_out.device());
+  const auto fmt = output_memory_format(out);
+  if (auto fused = relu_mask_bias_grad(grad_out.contiguous(fmt), out.contiguous(fmt))) return *fused;
+  return relu_backward_bias_unfused(grad_out, out);
+}
+
 // (grad_x, grad_weight, grad_bias); an output not asked for by output_mask is an empty tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_cudnn_backward(
     const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
@@ -595,19 +605,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_cudnn_backward(
   CHECK_SHAPE(out, x.size(0), weight.size(0), p, q);
   c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = output_memory_format(x);
-  const at::Tensor g = grad_out.contiguous(fmt), o = out.contiguous(fmt);
-  at::Tensor masked, gb;
-  if (auto fused = relu_mask_bias_grad(g, o)) {
-    std::tie(masked, gb) = *fused;
-  } else {
-    masked = at::threshold_backward(g, o, 0);
-  }
-  const bool cudnn_bias = output_mask[2] && !gb.defined();
-  const std::vector<int64_t> bias_sizes{weight.size(0)};
-  auto [gx, gw, cudnn_gb] = at::convolution_backward(
-      masked, x.contiguous(fmt), weight.contiguous(fmt), cudnn_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
-      stride, padding, {1, 1}, false, {0, 0}, 1, {output_mask[0], output_mask[1], cudnn_bias});
-  if (cudnn_bias) gb = cudnn_gb;
+  const auto [masked, gb] = relu_backward_bias_cuda(grad_out.contiguous(fmt), out.contiguous(fmt));
+  auto [gx, gw, unused] = at::convolution_backward(masked, x.contiguous(fmt), weight.contiguous(fmt), std::nullopt,
+                                                   stride, padding, {1, 1}, false, {0, 0}, 1,
+                                                   {output_mask[0], output_mask[1], false});
   const auto given = [&](const at::Tensor& t, bool wanted) {
     return wanted && t.defined() ? t : at::empty({0}, x.options());
   };
@@ -622,4 +623,5 @@ TORCH_LIBRARY_IMPL(alexnet_fast, CUDA, m) {
   m.impl("conv2d_relu_backward_weight", &conv2d_relu_backward_weight_cuda);
   m.impl("conv2d_relu_cudnn", &conv2d_relu_cudnn);
   m.impl("conv2d_relu_cudnn_backward", &conv2d_relu_cudnn_backward);
+  m.impl("relu_backward_bias", &relu_backward_bias_cuda);
 }

@@ -96,6 +96,29 @@ def test_classifier_linears_follow_the_backend(monkeypatch):
     assert calls == [(4096, 9216), (4096, 4096), (5, 4096)]
 
 
+@pytest.mark.parametrize("lrn", [True, False])
+def test_features_run_each_conv_with_its_pool(monkeypatch, lrn):
+    """features_forward runs conv1/conv2 with their LRN->max-pool (a plain max-pool without LRN)
+    and conv5 with its max-pool as one op each, conv3/conv4 alone, and gives what the layers
+    give one by one."""
+    from alexnet_fast import ops
+
+    calls = []
+    for name in ("conv2d_relu", "conv2d_relu_lrn_max_pool2d", "conv2d_relu_max_pool2d"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _op=op, _name=name, **k: calls.append((_name, a[1].shape[1]))
+                            or _op(*a, **k))
+    model = AlexNet(num_classes=5, backend="torch", lrn=lrn).eval()
+    x = torch.randn(1, 3, 67, 67)
+    with torch.no_grad():
+        out = model.features_forward(x)
+        ref = model.features(x)
+    pooled = "conv2d_relu_lrn_max_pool2d" if lrn else "conv2d_relu_max_pool2d"
+    assert calls[:5] == [(pooled, 3), (pooled, 96), ("conv2d_relu", 256), ("conv2d_relu", 384),
+                         ("conv2d_relu_max_pool2d", 384)]
+    torch.testing.assert_close(out, ref)
+
+
 def test_bad_model_arguments():
     with pytest.raises(ValueError, match="num_classes"):
         AlexNet(num_classes=0)

@@ -201,7 +201,7 @@ class AlexNet(nn.Module):
             layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
             pool = None
             if isinstance(layer, ConvReLU) and isinstance(after, (LRNMaxPool, MaxPool)) and after.backend == layer.backend:
-                pool = "lrn_max_pool2d" if getattr(after, "lrn", False) else "max_pool2d"
+                pool = "lrn_max_pool2d" if isinstance(after, LRNMaxPool) and after.lrn else "max_pool2d"
             x = layer(x, pool=pool) if pool else layer(x)
             i += 2 if pool else 1
         return x

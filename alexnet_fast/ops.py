@@ -228,19 +228,19 @@ class ConvReLUPool(torch.autograd.Function):
 
 
 def _conv2d_relu_pool(x, weight, bias, stride, padding, lrn_params, kernel_size, pool_stride, backend) -> Tensor:
-    """``pool(conv2d_relu(x, ...))`` with the pool ``lrn_max_pool2d`` (``lrn_params`` a dict of
-    size, alpha, beta, k) or ``max_pool2d`` (None): :class:`ConvReLUPool` where the backend runs
-    the convolution through cuDNN (``auto`` on the GPU) and the pool through the native kernels,
-    the two ops elsewhere and under torch.compile."""
+    """``pool(conv2d_relu(x, ...))`` with the pool ``lrn_max_pool2d`` (``lrn_params`` = (size,
+    alpha, beta, k)) or ``max_pool2d`` (None): :class:`ConvReLUPool` where the backend runs the
+    convolution through cuDNN (``auto`` on the GPU) and the pool through the native kernels, the
+    two ops elsewhere and under torch.compile."""
     conv_stride, conv_padding, conv_name = _resolve_conv(x, weight, bias, stride, padding, backend)
     pool_op = "max_pool2d" if lrn_params is None else "lrn_max_pool2d"
     if (conv_name in backends.CONV_ONLY and not torch.compiler.is_compiling()
             and backends.resolve(backend, pool_op, x.device.type) == "native"):
         lrn_args = None
         if lrn_params is not None:
-            _check_lrn(**lrn_params)
-            p = lrn_params
-            lrn_args = (int(p["size"]), float(p["alpha"]), float(p["beta"]), float(p["k"]))
+            _check_lrn(*lrn_params)
+            size, alpha, beta, k = lrn_params
+            lrn_args = (int(size), float(alpha), float(beta), float(k))
         conv_out = torch.empty(conv_out_shape(x, weight, conv_stride, conv_padding), device="meta")
         pool_kernel, pool_step, _ = _check_pool(conv_out, kernel_size, pool_stride, 0, False)
         pool_args = (list(pool_kernel), list(pool_step))
@@ -256,7 +256,7 @@ def _conv2d_relu_pool(x, weight, bias, stride, padding, lrn_params, kernel_size,
     out = _conv2d_relu(conv_name, x, weight, bias, conv_stride, conv_padding)
     if lrn_params is None:
         return max_pool2d(out, kernel_size, pool_stride, backend=backend)
-    return lrn_max_pool2d(out, **lrn_params, kernel_size=kernel_size, stride=pool_stride, backend=backend)
+    return lrn_max_pool2d(out, *lrn_params, kernel_size, pool_stride, backend=backend)
 
 
 def conv2d_relu_lrn_max_pool2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
@@ -265,8 +265,8 @@ def conv2d_relu_lrn_max_pool2d(x: Tensor, weight: Tensor, bias: Tensor | None = 
     """``lrn_max_pool2d(conv2d_relu(x, weight, bias, stride, padding), size, alpha, beta, k,
     kernel_size, pool_stride)``: AlexNet's conv1 and conv2 with what follows them, as one autograd
     node where that saves a pass (:class:`ConvReLUPool`)."""
-    return _conv2d_relu_pool(x, weight, bias, stride, padding, dict(size=size, alpha=alpha, beta=beta, k=k),
-                             kernel_size, pool_stride, backend)
+    return _conv2d_relu_pool(x, weight, bias, stride, padding, (size, alpha, beta, k), kernel_size, pool_stride,
+                             backend)
 
 
 def conv2d_relu_max_pool2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,

@@ -585,8 +585,9 @@ std::tuple<at::Tensor, at::Tensor> relu_backward_bias_cuda(const at::Tensor& gra
   CHECK_DEVICE_TYPE(grad_out, at::kCUDA);
   c10::cuda::CUDAGuard guard(grad_out.device());
   const auto fmt = output_memory_format(out);
-  if (auto fused = relu_mask_bias_grad(grad_out.contiguous(fmt), out.contiguous(fmt))) return *fused;
-  return relu_backward_bias_unfused(grad_out, out);
+  const at::Tensor g = grad_out.contiguous(fmt), o = out.contiguous(fmt);
+  if (auto fused = relu_mask_bias_grad(g, o)) return *fused;
+  return relu_backward_bias_unfused(g, o);
 }
 
 // (grad_x, grad_weight, grad_bias); an output not asked for by output_mask is an empty tensor.

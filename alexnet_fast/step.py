@@ -37,7 +37,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion, x:
     """One eager step of ``model`` on the batch ``(x, y)``; returns ``(loss, logits)``, detached
     (a loss that held on to its autograd graph would keep the graph's gradient-accumulation nodes,
     and their streams, alive into the next step). ``amp_dtype``: the autocast dtype, None for
-    none; ``scaler``: a GradScaler (float16)."""
+    none; ``scaler``: a GradScaler (float16), with which nothing is stepped in the backward (the
+    scaler must see every gradient first)."""
     with autocast(x.device.type, amp_dtype, autocast_cache):
         logits = model(x)
         loss = criterion(logits, y)
@@ -47,7 +48,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion, x:
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
+        # an alexnet_fast.optim.SGD made with step_in_backward steps the Linear weights in here
+        steps = getattr(optimizer, "steps_in_backward", contextlib.nullcontext)
+        with steps():
+            loss.backward()
         optimizer.step()
     return loss.detach(), logits.detach()
 

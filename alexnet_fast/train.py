@@ -130,15 +130,17 @@ def amp_dtype(amp) -> torch.dtype | None:
 
 
 def make_sgd(params, device_type: str, lr: float, momentum: float, weight_decay: float,
-             autocast_dtype: torch.dtype | None = None) -> torch.optim.SGD:
+             autocast_dtype: torch.dtype | None = None, step_in_backward: bool = False) -> torch.optim.SGD:
     """SGD with the step in one fused kernel on CUDA (one pass over parameters, gradients and
-    momentum; the foreach step makes three), foreach elsewhere. With ``autocast_dtype``,
-    :class:`alexnet_fast.optim.SGD`, whose pass also writes the parameters' copies in that dtype
-    for our ops (the model must run a backend other than ``torch``, uncompiled, to use them)."""
-    if autocast_dtype is not None:
+    momentum; the foreach step makes three), foreach elsewhere. With ``autocast_dtype`` or
+    ``step_in_backward``, :class:`alexnet_fast.optim.SGD`, whose pass also writes the parameters'
+    copies in that dtype for our ops (the model must run a backend other than ``torch``,
+    uncompiled, to use them), and which steps the Linear weights in the backward if asked."""
+    if autocast_dtype is not None or step_in_backward:
         from alexnet_fast.optim import SGD
 
-        return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, autocast_dtype=autocast_dtype)
+        return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, autocast_dtype=autocast_dtype,
+                   step_in_backward=step_in_backward)
     step_kind = {"fused": True} if device_type == "cuda" else {"foreach": True}
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **step_kind)
 
@@ -150,6 +152,14 @@ def keeps_autocast_copies(backend: str, device_type: str, amp_dtype: torch.dtype
     own ops; no autocast; torch.compile, under which the ops always cast; the CPU, where ``auto``
     runs PyTorch's convolutions and Linears)."""
     return None if backend == "torch" or compiled or device_type != "cuda" else amp_dtype
+
+
+def steps_in_backward(backend: str, device_type: str, compiled: bool, world: int = 1, scaled: bool = False) -> bool:
+    """The ``step_in_backward`` of :func:`make_sgd` for a model of ``backend``: the classifier's
+    weights are stepped in their backward (``alexnet_fast.optim``) where our Linear runs
+    (``backend`` not ``torch``, uncompiled) on CUDA, and nothing else needs their gradients: one
+    process (DistributedDataParallel reduces gradients after the backward) and no loss scaler."""
+    return backend != "torch" and device_type == "cuda" and not compiled and world == 1 and not scaled
 
 
 def _device_of(model: nn.Module, device) -> torch.device:
@@ -610,8 +620,10 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
         model = AlexNet(num_classes=len(train_set.classes), backend=config.backend).to(device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = make_sgd(model.parameters(), device.type, config.lr, config.momentum, config.weight_decay,
-                             keeps_autocast_copies(config.backend, device.type, amp_dtype(config.amp), config.compile))
+        optimizer = make_sgd(
+            model.parameters(), device.type, config.lr, config.momentum, config.weight_decay,
+            keeps_autocast_copies(config.backend, device.type, amp_dtype(config.amp), config.compile),
+            steps_in_backward(config.backend, device.type, config.compile, world, scaled=config.amp == "fp16"))
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **PLATEAU)
         scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
         # Dropout streams differ per process; the parameters are the same on every rank.

@@ -34,6 +34,15 @@ TOLERANCES = {
 }
 TF32_GEMM_TOL = 5e-3
 
+# torch.optim.SGD settings the optimizer tests step with.
+CONFIGS_SGD = [
+    dict(momentum=0.9, weight_decay=5e-4),  # the seed's
+    dict(momentum=0.0, weight_decay=1e-2),  # no momentum buffers
+    dict(momentum=0.9, dampening=0.1),
+    dict(momentum=0.8, nesterov=True, weight_decay=1e-3),
+    dict(momentum=0.9, maximize=True),
+]
+
 
 def tolerance(dtype: torch.dtype, kind: str, tf32: bool = False) -> float:
     if tf32 and dtype == torch.float32 and kind == "gemm":

@@ -1,4 +1,5 @@
-"""alexnet_fast.linear: F.linear under CUDA autocast with float32 gradients from the products."""
+"""alexnet_fast.linear: F.linear with float32 weight gradients from the products (under CUDA
+autocast too); stepping in the backward is in test_linear_sgd.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ def _check(apply, device, x_dtype):
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_autocast_linear_function(x_dtype):
     """The autograd function itself, on the CPU (float32 products through a cast there)."""
-    _check(lambda x, w, b: linear._AutocastLinear.apply(x, w, b, torch.bfloat16), "cpu", x_dtype)
+    _check(lambda x, w, b: linear._Linear.apply(x, w, b, torch.bfloat16), "cpu", x_dtype)
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)

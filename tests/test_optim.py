@@ -3,19 +3,12 @@ autocast copies it writes, when the ops may use them, and that training is the s
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONFIGS_SGD as CONFIGS
 from conftest import assert_close, skip_unless_available, tolerance
 
 from alexnet_fast import optim
 from alexnet_fast.model import AlexNet
 from alexnet_fast.step import train_step
-
-CONFIGS = [
-    dict(momentum=0.9, weight_decay=5e-4),  # the seed's
-    dict(momentum=0.0, weight_decay=1e-2),  # no momentum buffers
-    dict(momentum=0.9, dampening=0.1),
-    dict(momentum=0.8, nesterov=True, weight_decay=1e-3),
-    dict(momentum=0.9, maximize=True),
-]
 
 
 def _params(device):
@@ -127,7 +120,7 @@ def test_state_dicts_are_torch_sgds():
 def test_bad_arguments_are_named():
     skip_unless_available("native", "cpu")
     p = torch.nn.Parameter(torch.randn(3))
-    with pytest.raises(ValueError, match="autocast_dtype must be one of"):
+    with pytest.raises(ValueError, match="autocast_dtype must be None or one of"):
         optim.SGD([p], lr=0.1, autocast_dtype=torch.float32)
     step = torch.ops.alexnet_fast.sgd_step_
     g, low = torch.randn(3), torch.empty(3, dtype=torch.bfloat16)

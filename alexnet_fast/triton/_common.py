@@ -1,5 +1,5 @@
-"""Pieces shared by the LRN and max-pool kernels: op registration, autotuning per layout, dense
-layouts, and per-channel loads and stores.
+"""Pieces shared by the Triton kernels: op registration, autotuning per layout, dense layouts,
+per-channel loads and stores (LRN and max-pool), and the tile product (the GEMMs).
 
 The LRN window runs across channels, so the LRN kernels hold one ``[BLOCK_P]`` tensor of pixels
 per channel (a tuple built at trace time) and form each window sum from neighbouring tuple
@@ -21,6 +21,17 @@ from alexnet_fast.backends import autotune_enabled, poison_outputs, triton_inter
 from alexnet_fast.ops import MAX_POOL_WINDOW
 
 _shapes_only = contextvars.ContextVar("alexnet_fast_triton_shapes_only", default=False)
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot(a, b, acc)``. The CPU interpreter multiplies bfloat16 tiles as their raw 16-bit
+    integers; with ``UPCAST`` (set under the interpreter for bfloat16) the tiles are widened to
+    float32 first, which is exact and gives the products the tensor cores compute."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 def define_op(name: str, schema: str):

@@ -46,7 +46,7 @@ from alexnet_fast import autograd, reference
 from alexnet_fast.backends import triton_interpreted
 from alexnet_fast.ops import output_memory_format
 from alexnet_fast.triton import conv_configs
-from alexnet_fast.triton._common import poison_if_debug
+from alexnet_fast.triton._common import mma, poison_if_debug
 
 NAMESPACE = "alexnet_fast_triton"
 _INTERPRETED = triton_interpreted()
@@ -59,16 +59,6 @@ _INT32_MAX = 2**31 - 1
 # ---------------------------------------------------------------------------------------------
 # device helpers
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # The CPU interpreter multiplies bfloat16 tiles as their raw 16-bit integers; widening to
-    # float32 first is exact and gives the products the tensor cores compute.
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
 @triton.jit
 def _pixel_rows(offs_m, OH, OW, H, W, C, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
                 PW: tl.constexpr):
@@ -160,7 +150,7 @@ def conv2d_relu_forward_kernel(
         k_idx, k_ok = _k_columns(kt, C, KH, KW, FLAT_K, BLOCK_K)
         a = _load_patches(x_ptr, row_base, ih0, iw0, m_ok, kt, k_idx, k_ok, H, W, C, KW, FLAT_K, BLOCK_K)
         b = tl.load(w_rows[None, :] + k_idx[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _mma(a, b, acc, PRECISION, UPCAST)
+        acc = mma(a, b, acc, PRECISION, UPCAST)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -233,7 +223,7 @@ def conv2d_relu_backward_input_kernel(
         w_col = ((r0 + SH * i) * KW + s0 + SW * j) * C
         w_ptrs = w_ptr + (co.to(tl.int64) * K + w_col)[:, None] + offs_n[None, :]
         wt = tl.load(w_ptrs, mask=co_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _mma(g, wt, acc, PRECISION, UPCAST)
+        acc = mma(g, wt, acc, PRECISION, UPCAST)
 
     ih = ph + SH * a_idx
     iw = pw + SW * b_idx
@@ -292,7 +282,7 @@ def conv2d_relu_backward_weight_kernel(
             o = tl.load(out_ptr + g_offs, mask=g_mask, other=0.0)
             g = tl.where(o <= 0, 0.0, g)
             a = _load_patches(x_ptr, row_base, ih0, iw0, m_ok, kt, k_idx, k_ok, H, W, C, KW, FLAT_K, BLOCK_K)
-            acc = _mma(tl.trans(g), a, acc, PRECISION, UPCAST)
+            acc = mma(tl.trans(g), a, acc, PRECISION, UPCAST)
         ptrs = dw_ptr + ((split * CO + offs_n).to(tl.int64) * K)[:, None] + k_idx[None, :]
         tl.store(ptrs, acc, mask=n_ok[:, None] & k_ok[None, :])
 

@@ -8,6 +8,10 @@ an SGD step (momentum 0.9, weight decay 5e-4), for every provider in the same ru
 ``auto+cudagraph``  the auto model with the whole step (forward, backward, optimizer) captured in
                     one CUDA graph and replayed; inputs are copied into static tensors first
 
+Every provider applies the same SGD rule. The uncompiled ``auto`` providers apply it to the
+classifier's weights in their backward (``alexnet_fast.optim.SGD(step_in_backward=True)``), as
+training on one GPU does; the others in the optimizer's step.
+
 bf16 means autocast to bfloat16 with TF32 off; tf32 means float32 with TF32 on; fp32 means TF32
 off. Warm-up steps (and so compile time, reported separately) are excluded from the timing; two
 random batches alternate.

@@ -122,6 +122,8 @@ def test_bad_arguments_are_named():
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match="autocast_dtype must be None or one of"):
         optim.SGD([p], lr=0.1, autocast_dtype=torch.float32)
+    with pytest.raises(TypeError, match="step_in_backward must be a bool"):
+        optim.SGD([p], lr=0.1, step_in_backward="yes")
     step = torch.ops.alexnet_fast.sgd_step_
     g, low = torch.randn(3), torch.empty(3, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"grads must have one tensor per parameter \(1\), got 0"):
@@ -232,3 +234,19 @@ def test_copies_are_kept_only_where_the_ops_read_them():
     assert keeps_autocast_copies("auto", "cuda", bf16, compiled=True) is None  # compiled ops always cast
     assert keeps_autocast_copies("auto", "cuda", None, compiled=False) is None  # no autocast
     assert keeps_autocast_copies("auto", "cpu", bf16, compiled=False) is None
+
+
+def test_weights_are_stepped_in_the_backward_only_where_nothing_else_needs_their_gradients():
+    from alexnet_fast.train import make_sgd, steps_in_backward
+
+    assert steps_in_backward("auto", "cuda", compiled=False)
+    assert steps_in_backward("triton", "cuda", compiled=False)
+    assert not steps_in_backward("torch", "cuda", compiled=False)  # PyTorch's Linear
+    assert not steps_in_backward("auto", "cuda", compiled=True)  # the compiled backward's own product
+    assert not steps_in_backward("auto", "cuda", compiled=False, world=2)  # DDP reduces after the backward
+    assert not steps_in_backward("auto", "cuda", compiled=False, scaled=True)  # the scaler reads every gradient
+    assert not steps_in_backward("auto", "cpu", compiled=False)
+    params = [torch.nn.Parameter(torch.randn(3, 2))]
+    opt = make_sgd(params, "cuda", lr=0.1, momentum=0.9, weight_decay=0.0, step_in_backward=True)
+    assert isinstance(opt, optim.SGD) and opt.step_in_backward and opt.autocast_dtype is None
+    assert not isinstance(make_sgd(params, "cpu", lr=0.1, momentum=0.9, weight_decay=0.0), optim.SGD)

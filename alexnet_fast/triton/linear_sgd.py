@@ -26,9 +26,10 @@ from torch import Tensor
 from alexnet_fast.backends import triton_interpreted
 from alexnet_fast.triton._common import mma
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by operand width: the fastest of ten tile
-# shapes for fc6 and fc7 on the H200 (BENCHMARKS.md). Small tiles keep the accumulator, the
-# parameter and the buffer tile in registers without spilling; the operands come from L2.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by operand width: of ten tile shapes timed on
+# the H200 (BENCHMARKS.md), the fastest for fc6, and within 3% of the fastest for fc7. Small
+# tiles keep the accumulator and the parameter and buffer tiles in registers; the operands come
+# from L2.
 _CONFIGS = {4: (32, 64, 64, 4, 2), 2: (64, 64, 64, 4, 3)}
 _TRANSPOSE_BLOCK = 64
 

@@ -9,7 +9,7 @@ at once (16 bytes per parameter, 18 with the autocast copy): the gradient never 
 
 The step is ``torch.optim.SGD``'s rule, in the order of ``csrc/sgd.h``'s ``sgd_element``, evaluated
 in float32 (the hyper-parameters arrive as floats; the unfused step computes in double and
-rounds, which differs in the last bit at most).
+rounds, which can differ by a few units in the last place per step).
 
 Operands: 16-bit ones are read as they lie (Hopper's 16-bit tensor-core instructions take either
 operand order from shared memory). TF32 ones must be K-major there, and ``grad_out`` and ``x``

@@ -69,10 +69,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` with the backward above: for float32 operands, and under CUDA
     autocast to bfloat16/float16 with a float32 weight. Anywhere else it is ``F.linear``."""
     if torch.is_autocast_enabled(x.device.type):
-        if not (x.is_cuda and weight.dtype == torch.float32
-                and torch.get_autocast_dtype("cuda") in (torch.bfloat16, torch.float16)):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if not (x.is_cuda and weight.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)):
             return F.linear(x, weight, bias)
-        return _Linear.apply(x, weight, bias, torch.get_autocast_dtype("cuda"))
+        return _Linear.apply(x, weight, bias, dtype)
     if x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
         return _Linear.apply(x, weight, bias, None)
     return F.linear(x, weight, bias)

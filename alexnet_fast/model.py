@@ -93,7 +93,8 @@ class ConvReLU(_BackendModule):
         or its max-pool with ``pool="max_pool2d"`` (``ops.conv2d_relu_max_pool2d``)."""
         conv = self.net[0]
         args = (x, conv.weight, conv.bias, conv.stride, conv.padding)
-        pooling = dict(kernel_size=POOL_PARAMS["kernel_size"], pool_stride=POOL_PARAMS["stride"], backend=self.backend)
+        pooling = dict(kernel_size=POOL_PARAMS["kernel_size"], pool_stride=POOL_PARAMS["stride"],
+                       backend=self.backend)
         if pool == "lrn_max_pool2d":
             return ops.conv2d_relu_lrn_max_pool2d(*args, **LRN_PARAMS, **pooling)
         if pool == "max_pool2d":
@@ -200,7 +201,8 @@ class AlexNet(nn.Module):
         while i < len(layers):
             layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
             pool = None
-            if isinstance(layer, ConvReLU) and isinstance(after, (LRNMaxPool, MaxPool)) and after.backend == layer.backend:
+            if (isinstance(layer, ConvReLU) and isinstance(after, (LRNMaxPool, MaxPool))
+                    and after.backend == layer.backend):
                 pool = "lrn_max_pool2d" if isinstance(after, LRNMaxPool) and after.lrn else "max_pool2d"
             x = layer(x, pool=pool) if pool else layer(x)
             i += 2 if pool else 1

@@ -37,6 +37,23 @@ def _cuda_wheel_include_dirs():
     return sorted(d for d in glob.glob(os.path.join(site, "nvidia", "cu*", "include")) if os.path.isdir(d))
 
 
+def _loaded_libstdcxx():
+    """The shared libstdc++ that torch loaded into this process (Linux), or None.
+
+    The extension links it by path. A toolchain that offers only a static libstdc++ to the linker
+    (a compiler wrapper whose own library folder holds libstdc++.a and no libstdc++.so) otherwise
+    gives the extension its own copy of the C++ exception runtime, and every failed TORCH_CHECK
+    then ends the process with a segmentation fault instead of raising. With a usual toolchain this
+    names the library `-lstdc++` would have linked anyway.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:
+        return None
+    return sorted(paths)[0] if paths else None
+
+
 def _extensions():
     import torch
     from torch.utils import cpp_extension
@@ -48,6 +65,9 @@ def _extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O0", "-g", "-DALEXNET_FAST_DEBUG"] if debug else ["-O3"]
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")])
+    libstdcxx = _loaded_libstdcxx()
+    if libstdcxx:
+        kwargs["extra_link_args"] = [libstdcxx]
     if use_cuda:
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home  # read at import time; keep it in step with the env

@@ -1,9 +1,15 @@
 """Bad input: a clear error naming the argument, never a crash or a silent wrong result."""
+import json
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import alexnet_fast
 from alexnet_fast import backends, ops
+from conftest import DEVICES, skip_unless_available
 
 BACKENDS = ["torch", "native", "triton"]
 
@@ -61,16 +67,44 @@ def test_unavailable_backend_names_what_is_missing(monkeypatch):
         backends._availability.cache_clear()
 
 
-def test_native_kernels_check_arguments_themselves():
-    """Direct torch.ops calls bypass the Python checks; the C++ checks still name the argument."""
-    _ok("native")
-    nat = ops.kernels("native")
-    with pytest.raises(RuntimeError, match="x must be a 4-D"):
-        nat.lrn(torch.randn(3, 4, 4), 5, 1e-4, 0.75, 2.0)
-    with pytest.raises(RuntimeError, match="weight"):
-        nat.conv2d_relu(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3).double(), None, [1, 1], [0, 0])
-    with pytest.raises(RuntimeError, match="indices"):
-        nat.max_pool2d_backward(torch.randn(1, 3, 3, 3), torch.zeros(1, 3, 3, 3), [7, 7], [3, 3], [2, 2], [0, 0])
+# Each case: (what the message must match, a call that bypasses the Python checks); `dev` is the
+# device under test.
+_CPP_CHECKS = r"""
+import json, sys, torch
+from alexnet_fast import ops
+nat, dev = ops.kernels("native"), sys.argv[1]
+p = torch.randn(3, device=dev)
+cases = [
+    ("x must be a 4-D", lambda: nat.lrn(torch.randn(3, 4, 4, device=dev), 5, 1e-4, 0.75, 2.0)),
+    ("weight", lambda: nat.conv2d_relu(torch.randn(1, 3, 8, 8, device=dev),
+                                       torch.randn(4, 3, 3, 3, device=dev).double(), None, [1, 1], [0, 0])),
+    ("indices", lambda: nat.max_pool2d_backward(torch.randn(1, 3, 3, 3, device=dev), torch.zeros(1, 3, 3, 3, device=dev),
+                                                [7, 7], [3, 3], [2, 2], [0, 0])),
+    (r"grads must have one tensor per parameter \(1\), got 0",
+     lambda: torch.ops.alexnet_fast.sgd_step_([p], [], [], [], 0.1, 0.0, 0.9, 0.0, False, False, False)),
+]
+messages = []
+for _, call in cases:
+    try:
+        call()
+        messages.append(None)
+    except RuntimeError as e:
+        messages.append(str(e))
+print(json.dumps([[match, msg] for (match, _), msg in zip(cases, messages)]))
+"""
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_kernels_check_arguments_themselves(device):
+    """Direct torch.ops calls bypass the Python checks; the C++ checks still name the argument, as a
+    Python exception. In a child process, because a failed check once ended the process: an
+    extension linked with its own copy of libstdc++ crashed at the first throw (setup.py)."""
+    skip_unless_available("native", device)
+    run = subprocess.run([sys.executable, "-c", _CPP_CHECKS, device], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"the process ended with {run.returncode}: {run.stderr[-2000:]}"
+    for match, message in json.loads(run.stdout.splitlines()[-1]):
+        assert message is not None, f"no error for the case {match!r}"
+        assert re.search(match, message), (match, message)
 
 
 def test_backend_selection_api(monkeypatch):

@@ -40,11 +40,11 @@ def _cuda_wheel_include_dirs():
 def _loaded_libstdcxx():
     """The shared libstdc++ that torch loaded into this process (Linux), or None.
 
-    The extension links it by path. A toolchain that offers only a static libstdc++ to the linker
-    (a compiler wrapper whose own library folder holds libstdc++.a and no libstdc++.so) otherwise
-    gives the extension its own copy of the C++ exception runtime, and every failed TORCH_CHECK
-    then ends the process with a segmentation fault instead of raising. With a usual toolchain this
-    names the library `-lstdc++` would have linked anyway.
+    The extension links it by path. Where the linker finds no usable libstdc++.so on the
+    compiler's library path, only libstdc++.a (a GCC wrapper did, even for an explicit
+    ``-lstdc++``), the extension otherwise gets its own copy of the C++ exception runtime, and
+    every failed TORCH_CHECK then ends the process with a segmentation fault instead of raising.
+    With a usual toolchain this names the library ``-lstdc++`` would have linked anyway.
     """
     try:
         with open("/proc/self/maps") as maps:

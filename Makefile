@@ -27,8 +27,10 @@ $(VENV)/.installed: $(PY) $(SOURCES)
 
 install: $(VENV)/.installed
 
+# The pytest-benchmark suites run once each, untimed, so they cannot rot unnoticed.
 test: install
 	$(PY) -m pytest tests -q
+	$(PY) -m pytest benchmarks -q --benchmark-disable
 
 demo: install
 	$(VENV)/bin/alexnet-fast info

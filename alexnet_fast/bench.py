@@ -44,11 +44,15 @@ DTYPES = ("fp32", "tf32", "bf16", "fp16")
 LAYOUTS = ("nchw", "nhwc")
 DEFAULT_OUT = Path("benchmarks") / "results"
 # Statuses: ok; skipped (the provider cannot run here, with the reason); failed (it raised);
-# mismatch (it ran, but its output or gradients differ from eager beyond the sanity bound).
+# mismatch (it ran, but its output or gradients differ from eager beyond the sanity bound, and
+# where that was checked, from the float64 result by more than EXACT_FACTOR times eager does).
 PROBLEM_STATUSES = ("failed", "mismatch")
 # Normwise difference from eager beyond which a provider's result is flagged "mismatch": a bound
 # that catches a broken kernel, not the tests' tolerance (tests/conftest.py holds those).
 SANITY_TOL = {"fp32": 1e-2, "tf32": 1e-2, "bf16": 5e-2, "fp16": 2e-2}
+# Beyond that bound, a result at most this many times as far from the float64 result as eager's
+# is ok (see sanity).
+EXACT_FACTOR = 2.0
 
 
 def rel_diff(out, ref) -> float:
@@ -60,12 +64,25 @@ def rel_diff(out, ref) -> float:
     return err if math.isfinite(err) else math.inf
 
 
-def sanity(rel_err: float, dtype: str) -> dict:
-    """The status and note of a result ``rel_err`` away from eager."""
+def sanity(rel_err: float, dtype: str, from_exact: tuple[float, float] | None = None) -> dict:
+    """The status and note of a result ``rel_err`` away from eager. Beyond the bound,
+    ``from_exact`` = (the result's, eager's) normwise distance from the float64 result, when
+    given, decides: a result at most EXACT_FACTOR times as far from it as eager is ok. In reduced
+    precision two correct kernels can differ by more than the bound: rounding moves outputs near
+    zero across a ReLU, which flips its mask, and a gradient that sums many masked values (a
+    weight gradient) moves with it. Eager's own TF32 gradients of conv1 are 1.4e-2 from float64,
+    and another correct TF32 kernel's differ from eager's by about 1.4 times that (BENCHMARKS.md)."""
     tol = SANITY_TOL[dtype]
     if rel_err <= tol:
         return {"status": "ok", "note": "", "rel_err": rel_err}
-    return {"status": "mismatch", "note": f"differs from eager by {rel_err:.2g} (bound {tol:g})", "rel_err": rel_err}
+    note = f"differs from eager by {rel_err:.2g} (bound {tol:g})"
+    if from_exact is None:
+        return {"status": "mismatch", "note": note, "rel_err": rel_err}
+    mine, eager = from_exact
+    ok = mine <= EXACT_FACTOR * eager
+    note += (f"; from float64 by {mine:.2g}, eager by {eager:.2g}"
+             f" ({'within' if ok else 'beyond'} {EXACT_FACTOR:g}x eager's)")
+    return {"status": "ok" if ok else "mismatch", "note": note, "rel_err": rel_err}
 
 
 class Skipped(Exception):
@@ -493,8 +510,9 @@ def _op_table(op_rows) -> list[str]:
         body.append([kernel, shape, dtype, layout, mode, _fmt(floor)] + cells
                     + [_fmt(best and best.get("vs_eager"), ".2f"), _fmt(best and best.get("vs_compile"), ".2f")])
     lines = ["**Per op**: median ms (fraction of the roofline); floor = max(min bytes / copy rate, "
-             "FLOPs / matrix-product rate); ours = the fastest of native, triton, auto; ! = output "
-             "differs from eager beyond the sanity bound", ""]
+             "FLOPs / matrix-product rate); ours = the fastest of native, triton, auto; ! = mismatch: "
+             "differs from eager beyond the sanity bound, and from float64 more than eager does "
+             f"(x{EXACT_FACTOR:g})", ""]
     return lines + _table(header, body)
 
 

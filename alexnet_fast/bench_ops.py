@@ -12,7 +12,8 @@ forward, backward and forward+backward, per dtype and layout, for every provider
 Shapes come from ``alexnet_fast.model.layer_shapes``. Each case's inputs are random, never zeros,
 and rotated among several copies when one copy is smaller than twice the L2 cache. Every
 provider's output and gradients are checked against eager on the same inputs first (a loose
-sanity bound that catches a broken kernel, not the tests' tolerance), then timed. On CUDA the
+sanity bound that catches a broken kernel, not the tests' tolerance; beyond it, against the
+float64 result, which reduced precision can need: ``bench.sanity``), then timed. On CUDA the
 timed unit is the replay of a CUDA graph of one call (forward, or forward+backward), so a row
 measures the kernels, not the host's per-call work (Python, dispatch, autograd), which is tens of
 microseconds and would hide the difference between kernels of that size; the training-step
@@ -139,7 +140,11 @@ class Prepared:
     make_calls: object  # () -> one call of the mode per input set, in rotation order. Mode "bwd"
     # runs the forwards first, on the current stream: their backward runs on it (and can be captured).
     first_call_s: float  # compile time for the compile provider
-    rel_err: float  # normwise difference from eager (output and every gradient)
+    check: dict  # bench.sanity's status, note and rel_err (against eager: output and every gradient)
+
+    @property
+    def rel_err(self) -> float:
+        return self.check["rel_err"]
 
     def plain(self):
         """The timed callable without a graph: one call of the mode on the next input set."""
@@ -165,6 +170,7 @@ class OpBench:
         gen = torch.Generator(device=device).manual_seed(seed + 1000)
         self.grad_outs = [torch.empty_like(self.ref_out).normal_(generator=gen) for _ in self.sets]
         self._ref_grads = None
+        self._exact = None
 
     def _input_set(self, seed: int) -> tuple:
         gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -198,6 +204,28 @@ class OpBench:
             self._ref_grads = self._grads(self.eager(*self.sets[0]), 0)
         return self._ref_grads
 
+    @property
+    def exact(self) -> tuple:
+        """Eager's output and gradients (those of the timed inputs) in float64 on the first input set."""
+        if self._exact is None:
+            inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in self.sets[0]]
+            out = self.eager(*inputs)
+            grads = torch.autograd.grad(out, [t for t in inputs if t.requires_grad], self.grad_outs[0].double())
+            self._exact = (out.detach(), *grads)
+        return self._exact
+
+    def _check(self, results: tuple, rel_err: float) -> dict:
+        """bench.sanity of ``results`` (output, gradients...) ``rel_err`` away from eager's; beyond
+        the bound, against the float64 result too (computed only then: it takes seconds for the
+        large convolutions)."""
+        check = sanity(rel_err, self.dtype)
+        if check["status"] == "ok":
+            return check
+        exact = self.exact
+        eager = (self.ref_out, *self.ref_grads)[:len(results)]
+        from_exact = tuple(max(rel_diff(a, e) for a, e in zip(r, exact)) for r in (results, eager))
+        return sanity(rel_err, self.dtype, from_exact)
+
     def prepare(self, provider: str, mode: str) -> Prepared:
         """Check ``provider`` against eager and return its timed callable for ``mode``."""
         fn = provider_fn(self.case, provider, self.device)
@@ -212,6 +240,7 @@ class OpBench:
         synchronize(self.device)
         first_call_s = time.perf_counter() - start
         rel_err = max([rel_diff(out, self.ref_out)] + [rel_diff(g, r) for g, r in zip(grads, ref_grads)])
+        check = self._check((out, *grads), rel_err)
         sets = self.sets
 
         def make_calls():
@@ -228,7 +257,7 @@ class OpBench:
                 def call(i):
                     self._grads(outs[i], i, retain=True)
             return [functools.partial(call, i) for i in range(len(sets))]
-        return Prepared(make_calls, first_call_s, rel_err)
+        return Prepared(make_calls, first_call_s, check)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +413,7 @@ def _measure(bench: OpBench, provider, mode, work, copy_gbps, ceil_tflops, sel, 
         row["status"], row["note"] = error_status(e)
         return row
     row.update(
-        **sanity(prepared.rel_err, bench.dtype),
+        **prepared.check,
         ms=timing.ms, ms_p20=timing.p20, ms_p80=timing.p80, method=timing.method,
         peak_mb=peak, compile_s=prepared.first_call_s if provider == "compile" else None,
         **roofline.roofline(work, timing.ms, copy_gbps, ceil_tflops),

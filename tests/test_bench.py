@@ -211,6 +211,35 @@ def test_wrong_or_failing_provider_is_flagged_not_fatal(monkeypatch):
     assert {r["provider"] for r in rows if r["kernel"] == "ceiling"} == {"copy", "matmul"}
 
 
+def test_beyond_the_bound_the_float64_result_decides(monkeypatch):
+    """Two results on either side of float64, each as close to it as the other, can differ by more
+    than the bound (reduced precision flips ReLU masks); the row is then ok, and a result much
+    further from float64 than eager is still flagged. Eager and `native` are scaled off the true
+    result by relative amounts, in every dtype but the float64 reference's."""
+    real = bench_ops.provider_fn
+    scale = {"eager": 1.008, "native": 0.992, "triton": 0.95}
+
+    def fake(case, provider, device):
+        fn = real(case, "eager", device)
+        s = scale[provider]
+        return lambda *args: fn(*args) * (1.0 if args[0].dtype == torch.float64 else s)
+
+    monkeypatch.setattr(bench_ops, "provider_fn", fake)
+    case = next(c for c in bench_ops.op_cases(1, TINY) if c.kernel == "lrn")
+    ob = bench_ops.OpBench(case, "fp32", "nchw", "cpu")
+    for mode in ("fwd", "fwd+bwd"):
+        near = ob.prepare("native", mode).check
+        assert near["rel_err"] == pytest.approx(0.016 / 1.008, rel=1e-3)  # beyond the bound (0.01)
+        assert near["status"] == "ok", near
+        assert "from float64 by 0.008, eager by 0.008 (within 2x eager's)" in near["note"]
+        far = ob.prepare("triton", mode).check
+        assert far["status"] == "mismatch", far
+        assert "from float64 by 0.05, eager by 0.008 (beyond 2x eager's)" in far["note"]
+    assert ob.prepare("eager", "fwd+bwd").check == {"status": "ok", "note": "", "rel_err": 0.0}
+    assert bench.sanity(0.5, "bf16") == {"status": "mismatch", "note": "differs from eager by 0.5 (bound 0.05)",
+                                         "rel_err": 0.5}
+
+
 def test_train_step_arguments():
     with pytest.raises(bench.Skipped, match="CUDA"):
         bench_step.prepare_step("auto+cudagraph", "nchw", 2, "fp32", TINY, "cpu")

@@ -71,7 +71,7 @@ def sanity(rel_err: float, dtype: str, from_exact: tuple[float, float] | None = 
     precision two correct kernels can differ by more than the bound: rounding moves outputs near
     zero across a ReLU, which flips its mask, and a gradient that sums many masked values (a
     weight gradient) moves with it. Eager's own TF32 gradients of conv1 are 1.4e-2 from float64,
-    and another correct TF32 kernel's differ from eager's by about 1.4 times that (BENCHMARKS.md)."""
+    and Triton's correct TF32 ones differ from eager's by 1.2-1.3 times that (BENCHMARKS.md)."""
     tol = SANITY_TOL[dtype]
     if rel_err <= tol:
         return {"status": "ok", "note": "", "rel_err": rel_err}

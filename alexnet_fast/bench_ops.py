@@ -206,7 +206,7 @@ class OpBench:
 
     @property
     def exact(self) -> tuple:
-        """Eager's output and gradients (those of the timed inputs) in float64 on the first input set."""
+        """Eager's output and gradients in float64, on the first input set (the one checked)."""
         if self._exact is None:
             inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in self.sets[0]]
             out = self.eager(*inputs)
@@ -216,8 +216,7 @@ class OpBench:
 
     def _check(self, results: tuple, rel_err: float) -> dict:
         """bench.sanity of ``results`` (output, gradients...) ``rel_err`` away from eager's; beyond
-        the bound, against the float64 result too (computed only then: it takes seconds for the
-        large convolutions)."""
+        the bound, against the float64 result too (computed only then, once per case)."""
         check = sanity(rel_err, self.dtype)
         if check["status"] == "ok":
             return check

@@ -142,10 +142,6 @@ class Prepared:
     first_call_s: float  # compile time for the compile provider
     check: dict  # bench.sanity's status, note and rel_err (against eager: output and every gradient)
 
-    @property
-    def rel_err(self) -> float:
-        return self.check["rel_err"]
-
     def plain(self):
         """The timed callable without a graph: one call of the mode on the next input set."""
         order = itertools.cycle(self.make_calls())

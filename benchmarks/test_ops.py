@@ -16,5 +16,5 @@ def test_op(benchmark, synced, or_skip, op_case, provider, mode, layout, dtype, 
     assert prepared.check["status"] == "ok", f"{provider}: {prepared.check['note']}"
     work = op_case.work(dtype)[mode]
     benchmark.group = f"{op_case.kernel} {op_case.shape_str} {dtype} {layout} {mode}"
-    benchmark.extra_info.update(min_bytes=work.bytes, flops=work.flops, rel_err=prepared.rel_err)
+    benchmark.extra_info.update(min_bytes=work.bytes, flops=work.flops, rel_err=prepared.check["rel_err"])
     benchmark(synced(prepared.plain()))

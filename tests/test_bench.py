@@ -181,7 +181,7 @@ def test_op_bench_modes_rotate_and_match_eager():
     assert all(bool(t.ne(0).any()) for t in ob.sets[0])  # random data, never zeros
     for mode in roofline.MODES:
         prepared = ob.prepare("eager", mode)
-        assert prepared.rel_err == 0.0
+        assert prepared.check["rel_err"] == 0.0
         prepared.plain()()
 
 

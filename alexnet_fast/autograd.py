@@ -75,17 +75,19 @@ def register(ns, ops=ALL_OPS) -> None:
         torch.library.register_autograd(ns.lrn_max_pool2d.default, fused_backward, setup_context=fused_setup)
 
 
-def register_cudnn_conv(ns) -> None:
-    """The autograd formula of ``ns.conv2d_relu_cudnn``, whose one backward op returns the
-    gradients asked for (an empty tensor in place of the others)."""
+def register_conv(ns, forward: str, backward: str) -> None:
+    """The autograd formula of the conv+ReLU op ``ns.<forward>`` (the schema of conv2d_relu) whose
+    one backward op ``ns.<backward>(grad, out, x, weight, stride, padding, output_mask)`` returns
+    the gradients asked for (an empty tensor in place of the others), so that the two GEMMs share
+    whatever pass over the gradient they need."""
     def setup(ctx, inputs, output):
         x, weight, _, ctx.stride, ctx.padding = inputs
         ctx.save_for_backward(x, weight, output)
 
-    def backward(ctx, grad):
+    def backward_formula(ctx, grad):
         x, weight, out = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])  # a missing bias needs no gradient
-        grads = ns.conv2d_relu_cudnn_backward(grad, out, x, weight, ctx.stride, ctx.padding, mask)
+        grads = getattr(ns, backward)(grad, out, x, weight, ctx.stride, ctx.padding, mask)
         return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None)
 
-    torch.library.register_autograd(ns.conv2d_relu_cudnn.default, backward, setup_context=setup)
+    torch.library.register_autograd(getattr(ns, forward).default, backward_formula, setup_context=setup)

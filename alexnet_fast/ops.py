@@ -413,7 +413,7 @@ def _register_native() -> None:
         return None  # writes its arguments in place
 
     autograd.register(torch.ops.alexnet_fast)
-    autograd.register_cudnn_conv(torch.ops.alexnet_fast)
+    autograd.register_conv(torch.ops.alexnet_fast, "conv2d_relu_cudnn", "conv2d_relu_cudnn_backward")
 
 
 if backends.native_build()[0] is not None:

@@ -160,3 +160,30 @@ def test_relu_backward_bias(device, dtype, layout):
         assert masked.dtype == bias_grad.dtype == dtype and bias_grad.shape == (shape[1],)
         assert torch.equal(masked.double().cpu(), ref), f"masked {shape} {layout}"
         assert_close(bias_grad, ref.sum((0, 2, 3)), dtype, "gemm", what=f"bias gradient {shape} {layout}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_backward_ops_agree(device, layout):
+    """The Triton library's one backward op (what autograd calls) and its two separate ones (the
+    native library's schemas) run the same mask pass and kernels, so they agree bit for bit, for
+    every choice of gradients. A NaN output passes its gradient, as in PyTorch."""
+    skip_unless_available("triton", device)
+    ns = torch.ops.alexnet_fast_triton
+    stride, padding = [2, 1], [1, 1]
+    x = random_input((2, 5, 9, 8), torch.float32, device, layout)
+    w = random_input((7, 5, 3, 3), torch.float32, device)
+    out = ns.conv2d_relu(x, w, None, stride, padding)
+    out[0, 1, 2, 3] = float("nan")
+    g = random_input(out.shape, torch.float32, device, layout)
+    gx = ns.conv2d_relu_backward_input(g, out, w, [9, 8], stride, padding)
+    gw, gb = ns.conv2d_relu_backward_weight(g, out, x, [3, 3], stride, padding)
+    assert_close(gb, torch.where(out.double().cpu() <= 0, 0.0, g.double().cpu()).sum((0, 2, 3)), torch.float32,
+                 "gemm", what="bias gradient")
+    for mask in ([True, True, True], [False, True, False], [True, False, False], [False, False, True]):
+        args = (g, out, x, w, stride, padding, mask)
+        torch.library.opcheck(ns.conv2d_relu_backward.default, args)
+        for got, want, wanted, name in zip(ns.conv2d_relu_backward(*args), (gx, gw, gb), mask, ("x", "weight", "bias")):
+            if wanted:
+                assert torch.equal(got, want) and got.stride() == want.stride(), f"grad {name}, mask {mask}"
+            else:
+                assert got.numel() == 0, f"grad {name} not asked for, mask {mask}"

@@ -8,11 +8,14 @@ GEMM views (groups=1, dilation=1; M counts pixels, K = KH * KW * C_in ordered (k
 * dgrad    ``dx[M = N*H*W, C_in] = masked_grad[M, KH*KW*C_out] @ W'``, one sub-GEMM per stride
   phase ``(ih % SH, iw % SW)`` so only the taps that hit each input pixel are visited;
 * wgrad    ``dW[C_out, K] = masked_grad[M, C_out]^T @ patches[M, K]``, split over M into fp32
-  partial sums that the host adds, and ``db = sum_M masked_grad`` from extra programs of the
-  same launch.
+  partial sums that the host adds.
 
 ``masked_grad = where(out <= 0, 0, grad_out)`` (PyTorch's threshold_backward, NaN outputs
-included) is formed inside the backward kernels' loads: no ReLU pass and no mask tensor exist.
+included) is written by one pass over grad_out and out, which also sums it per channel (the bias
+gradient); the GEMMs read it as plain operands. Forming it inside the GEMMs' loads, which spares
+that tensor, was the first design and measured slower on the H200 (bf16, B=128): conv2's input
+gradient 587 against 412 us, its weight gradient 1053 against 585 us, where the pass takes about
+as long as reading and writing its bytes.
 
 Layout: the kernels read activations as channels_last (NHWC), so a K block is a contiguous run
 of channels. NCHW inputs are converted to channels_last once inside each op (one copy of x, and
@@ -163,7 +166,7 @@ def conv2d_relu_forward_kernel(
 
 @triton.jit
 def conv2d_relu_backward_input_kernel(
-    grad_ptr, out_ptr, w_ptr, dx_ptr,
+    grad_ptr, w_ptr, dx_ptr,
     N, H, W, C, OH, OW, CO,
     sd_n, sd_c, sd_h, sd_w,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -171,7 +174,7 @@ def conv2d_relu_backward_input_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dx = conv_transpose(where(out <= 0, 0, grad), w): grad/out NHWC, w [CO, KH, KW, C].
+    """dx = conv_transpose(grad, w): grad the masked output gradient (NHWC), w [CO, KH, KW, C].
 
     Program axis 1 is the stride phase (ph, pw): its pixels ih = ph + SH*a, iw = pw + SW*b are
     reached only by the taps r = r0 + SH*i, s = s0 + SW*j, from outputs oh = a + qh - i,
@@ -218,8 +221,6 @@ def conv2d_relu_backward_input_kernel(
         g_mask = row_ok[:, None] & co_ok[None, :]
         g_offs = (((n.to(tl.int64) * OH + oh) * OW + ow) * CO)[:, None] + co[None, :]
         g = tl.load(grad_ptr + g_offs, mask=g_mask, other=0.0)
-        o = tl.load(out_ptr + g_offs, mask=g_mask, other=0.0)
-        g = tl.where(o <= 0, 0.0, g)
         w_col = ((r0 + SH * i) * KW + s0 + SW * j) * C
         w_ptrs = w_ptr + (co.to(tl.int64) * K + w_col)[:, None] + offs_n[None, :]
         wt = tl.load(w_ptrs, mask=co_ok[:, None] & n_ok[None, :], other=0.0)
@@ -234,7 +235,7 @@ def conv2d_relu_backward_input_kernel(
 
 @triton.jit
 def conv2d_relu_backward_weight_kernel(
-    grad_ptr, out_ptr, x_ptr, dw_ptr, db_ptr,
+    grad_ptr, x_ptr, dw_ptr,
     N, H, W, C, OH, OW, CO, CHUNK,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr,
@@ -242,49 +243,58 @@ def conv2d_relu_backward_weight_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Partial sums over the pixels [split * CHUNK, (split + 1) * CHUNK), split = program axis 1:
-    dw[split, CO, KH*KW*C] of masked_grad^T @ patches, and db[split, CO] of masked_grad from
-    the programs of the last K-tile index (one per output-channel tile)."""
+    dw[split, CO, KH*KW*C] of grad^T @ patches, grad the masked output gradient (NHWC)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_n = tl.cdiv(CO, BLOCK_N)
     kt = pid // num_n
     pid_n = pid - kt * num_n
     K = KH * KW * C
-    if FLAT_K:
-        k_tiles = tl.cdiv(K, BLOCK_K)
-    else:
-        k_tiles = KH * KW * tl.cdiv(C, BLOCK_K)
     M = N * OH * OW
     m_start = split * CHUNK
     m_end = tl.minimum(m_start + CHUNK, M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < CO
-    if kt == k_tiles:
-        db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for m0 in range(m_start, m_end, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            g_mask = (offs_m < m_end)[:, None] & n_ok[None, :]
-            g_offs = (offs_m.to(tl.int64) * CO)[:, None] + offs_n[None, :]
-            g = tl.load(grad_ptr + g_offs, mask=g_mask, other=0.0)
-            o = tl.load(out_ptr + g_offs, mask=g_mask, other=0.0)
-            db += tl.sum(tl.where(o <= 0, 0.0, g).to(tl.float32), axis=0)
+    k_idx, k_ok = _k_columns(kt, C, KH, KW, FLAT_K, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        n, oh, ow, ih0, iw0, row_base = _pixel_rows(offs_m, OH, OW, H, W, C, SH, SW, PH, PW)
+        g_offs = (offs_m.to(tl.int64) * CO)[:, None] + offs_n[None, :]
+        g = tl.load(grad_ptr + g_offs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        a = _load_patches(x_ptr, row_base, ih0, iw0, m_ok, kt, k_idx, k_ok, H, W, C, KW, FLAT_K, BLOCK_K)
+        acc = mma(tl.trans(g), a, acc, PRECISION, UPCAST)
+    ptrs = dw_ptr + ((split * CO + offs_n).to(tl.int64) * K)[:, None] + k_idx[None, :]
+    tl.store(ptrs, acc, mask=n_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def relu_backward_bias_kernel(grad_ptr, out_ptr, masked_ptr, db_ptr, M, CO, CHUNK,
+                              BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """masked = where(out <= 0, 0, grad) over [M, CO] (NHWC rows), and with BIAS the float32 sums
+    of each channel over the rows [split * CHUNK, (split + 1) * CHUNK), split = program axis 1,
+    into db[split, CO]."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < CO
+    m_start = split * CHUNK
+    m_end = tl.minimum(m_start + CHUNK, M)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask = (offs_m < m_end)[:, None] & n_ok[None, :]
+        offs = (offs_m.to(tl.int64) * CO)[:, None] + offs_n[None, :]
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0)
+        o = tl.load(out_ptr + offs, mask=mask, other=0.0)
+        # where(out <= 0) rather than out > 0: a NaN output passes its gradient, as in PyTorch
+        g = tl.where(o <= 0, 0.0, g)
+        tl.store(masked_ptr + offs, g, mask=mask)
+        if BIAS:
+            db += tl.sum(g.to(tl.float32), axis=0)
+    if BIAS:
         tl.store(db_ptr + split * CO + offs_n, db, mask=n_ok)
-    else:
-        k_idx, k_ok = _k_columns(kt, C, KH, KW, FLAT_K, BLOCK_K)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for m0 in range(m_start, m_end, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < m_end
-            n, oh, ow, ih0, iw0, row_base = _pixel_rows(offs_m, OH, OW, H, W, C, SH, SW, PH, PW)
-            g_mask = m_ok[:, None] & n_ok[None, :]
-            g_offs = (offs_m.to(tl.int64) * CO)[:, None] + offs_n[None, :]
-            g = tl.load(grad_ptr + g_offs, mask=g_mask, other=0.0)
-            o = tl.load(out_ptr + g_offs, mask=g_mask, other=0.0)
-            g = tl.where(o <= 0, 0.0, g)
-            a = _load_patches(x_ptr, row_base, ih0, iw0, m_ok, kt, k_idx, k_ok, H, W, C, KW, FLAT_K, BLOCK_K)
-            acc = mma(tl.trans(g), a, acc, PRECISION, UPCAST)
-        ptrs = dw_ptr + ((split * CO + offs_n).to(tl.int64) * K)[:, None] + k_idx[None, :]
-        tl.store(ptrs, acc, mask=n_ok[:, None] & k_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +318,8 @@ _BACKWARD_WEIGHT = _autotuned(conv2d_relu_backward_weight_kernel, conv_configs.b
 _CHUNK_ALIGN = max(c.kwargs["BLOCK_M"] for width in (2, 4)
                    for c in conv_configs.backward_weight(width, _INTERPRETED))
 _SPLIT_MIN_ROWS = _CHUNK_ALIGN if _INTERPRETED else 1024
+# The mask pass's tile: rows x channels (a 128-channel row of 16-bit values is 256 bytes).
+_MASK_BLOCK_M, _MASK_BLOCK_N = 32, 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -428,6 +440,29 @@ def _conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[in
     return out
 
 
+def _relu_backward_bias(grad_out: Tensor, out: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
+    """(``where(out <= 0, 0, grad_out)`` in channels_last, and with ``bias`` its float32 sum per
+    channel, the bias gradient): one pass over the two tensors, whose result both backward GEMMs
+    read as it is. Masking inside the GEMMs' loads instead (a load of out and a select per K step)
+    measured slower than this pass and the plain GEMMs together (BENCHMARKS.md, Convolutions)."""
+    n, co, oh, ow = grad_out.shape
+    rows = n * oh * ow
+    masked = poison_if_debug(torch.empty_like(grad_out, memory_format=torch.channels_last))
+    if masked.numel() == 0:
+        return masked, grad_out.new_zeros((co,), dtype=torch.float32) if bias else None
+    block_n = min(_MASK_BLOCK_N, triton.next_power_of_2(co))
+    blocks_n = triton.cdiv(co, block_n)
+    splits = max(1, min(triton.cdiv(4 * _sm_count(grad_out.device), blocks_n), triton.cdiv(rows, _MASK_BLOCK_M)))
+    chunk = triton.cdiv(triton.cdiv(rows, splits), _MASK_BLOCK_M) * _MASK_BLOCK_M
+    splits = triton.cdiv(rows, chunk)
+    # Every split stores (not adds) its sums, so they start poisoned in debug runs.
+    sums = poison_if_debug(torch.empty((splits, co), dtype=torch.float32, device=grad_out.device)) if bias else masked
+    wrap_triton(relu_backward_bias_kernel)[(blocks_n, splits)](
+        grad_out.contiguous(memory_format=torch.channels_last), out.contiguous(memory_format=torch.channels_last),
+        masked, sums, rows, co, chunk, BIAS=bias, BLOCK_M=_MASK_BLOCK_M, BLOCK_N=block_n, num_warps=4)
+    return masked, sums.sum(0) if bias else None
+
+
 def _allocate_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, input_hw: list[int],
                              stride: list[int], padding: list[int]) -> Tensor:
     _check_tensors(grad_out.dtype, grad_out.device, grad_out=grad_out, out=out, weight=weight)
@@ -445,30 +480,33 @@ def _allocate_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, inpu
                        memory_format=output_memory_format(grad_out))
 
 
-def _conv2d_relu_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, input_hw: list[int],
-                                stride: list[int], padding: list[int]) -> Tensor:
-    dx = _allocate_backward_input(grad_out, out, weight, input_hw, stride, padding)
-    if dx.numel() == 0:
-        return dx
-    poison_if_debug(dx)
-    n, co, oh, ow = grad_out.shape
+def _input_grad(masked: Tensor, weight: Tensor, dx: Tensor, stride: list[int], padding: list[int]) -> Tensor:
+    """dx (allocated, written in full) from the masked output gradient (channels_last)."""
+    n, co, oh, ow = masked.shape
     _, c, kh, kw = weight.shape
-    h, w = input_hw
+    h, w = dx.shape[-2:]
     sh, sw = stride
-    g_nhwc = grad_out.contiguous(memory_format=torch.channels_last)
-    o_nhwc = out.contiguous(memory_format=torch.channels_last)
     w_k = _weight_k_major(weight)
-    precision, upcast = _dot_modes(grad_out.dtype)
+    precision, upcast = _dot_modes(masked.dtype)
     phase_rows = n * triton.cdiv(h, sh) * triton.cdiv(w, sw)
 
     def grid(meta):
         return (triton.cdiv(phase_rows, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]), sh * sw)
 
-    wrap_triton(_BACKWARD_INPUT[grad_out.element_size()])[grid](
-        g_nhwc, o_nhwc, w_k, dx,
+    wrap_triton(_BACKWARD_INPUT[masked.element_size()])[grid](
+        masked, w_k, dx,
         n, h, w, c, oh, ow, co, *dx.stride(),
         KH=kh, KW=kw, SH=sh, SW=sw, PH=padding[0], PW=padding[1], PRECISION=precision, UPCAST=upcast)
     return dx
+
+
+def _conv2d_relu_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, input_hw: list[int],
+                                stride: list[int], padding: list[int]) -> Tensor:
+    dx = _allocate_backward_input(grad_out, out, weight, input_hw, stride, padding)
+    if dx.numel() == 0:
+        return dx
+    masked, _ = _relu_backward_bias(grad_out, out, bias=False)
+    return _input_grad(masked, weight, poison_if_debug(dx), stride, padding)
 
 
 def _weight_grad_splits(rows: int, c_out: int, k: int, device: torch.device) -> tuple[int, int]:
@@ -496,38 +534,69 @@ def _allocate_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kernel_h
     return grad_out.new_empty((co, c, *kernel_hw)), grad_out.new_empty((co,))
 
 
-def _conv2d_relu_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kernel_hw: list[int],
-                                 stride: list[int], padding: list[int]) -> tuple[Tensor, Tensor]:
-    grad_w, grad_b = _allocate_backward_weight(grad_out, out, x, kernel_hw, stride, padding)
-    n, co, oh, ow = grad_out.shape
+def _weight_grad(masked: Tensor, x: Tensor, grad_w: Tensor, stride: list[int], padding: list[int]) -> Tensor:
+    """grad_w (allocated, written in full) from the masked output gradient (channels_last)."""
+    n, co, oh, ow = masked.shape
     _, c, h, w = x.shape
-    kh, kw = kernel_hw
+    kh, kw = grad_w.shape[-2:]
     rows = n * oh * ow
-    if rows == 0 or grad_w.numel() == 0:
-        return grad_w.zero_(), grad_b.zero_()
+    if grad_w.numel() == 0:
+        return grad_w
     k = kh * kw * c
-    chunk, splits = _weight_grad_splits(rows, co, k, grad_out.device)
-    # Every split stores (not adds) its partial sums, so these start poisoned in debug runs.
-    # grad_w and grad_b are written whole by copy_ below, not by a kernel: left as they are.
-    dw = poison_if_debug(torch.empty((splits, co, k), dtype=torch.float32, device=grad_out.device))
-    db = poison_if_debug(torch.empty((splits, co), dtype=torch.float32, device=grad_out.device))
+    chunk, splits = _weight_grad_splits(rows, co, k, masked.device)
+    # Every split stores (not adds) its partial sums, so they start poisoned in debug runs.
+    # grad_w is written whole by copy_ below, not by a kernel: left as it is.
+    dw = poison_if_debug(torch.empty((splits, co, k), dtype=torch.float32, device=masked.device))
     flat = _flat_k(c)
-    precision, upcast = _dot_modes(grad_out.dtype)
+    precision, upcast = _dot_modes(masked.dtype)
 
     def grid(meta):
-        # The extra K-tile index holds the bias programs.
-        return (triton.cdiv(co, meta["BLOCK_N"]) * (_k_tiles((kh, kw), c, flat, meta["BLOCK_K"]) + 1), splits)
+        return (triton.cdiv(co, meta["BLOCK_N"]) * _k_tiles((kh, kw), c, flat, meta["BLOCK_K"]), splits)
 
-    wrap_triton(_BACKWARD_WEIGHT[grad_out.element_size()])[grid](
-        grad_out.contiguous(memory_format=torch.channels_last),
-        out.contiguous(memory_format=torch.channels_last),
-        x.contiguous(memory_format=torch.channels_last), dw, db,
+    wrap_triton(_BACKWARD_WEIGHT[masked.element_size()])[grid](
+        masked, x.contiguous(memory_format=torch.channels_last), dw,
         n, h, w, c, oh, ow, co, chunk,
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
         FLAT_K=flat, PRECISION=precision, UPCAST=upcast)
-    grad_w.copy_(dw.sum(0).view(co, kh, kw, c).permute(0, 3, 1, 2))
-    grad_b.copy_(db.sum(0))
-    return grad_w, grad_b
+    return grad_w.copy_(dw.sum(0).view(co, kh, kw, c).permute(0, 3, 1, 2))
+
+
+def _conv2d_relu_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kernel_hw: list[int],
+                                 stride: list[int], padding: list[int]) -> tuple[Tensor, Tensor]:
+    grad_w, grad_b = _allocate_backward_weight(grad_out, out, x, kernel_hw, stride, padding)
+    if grad_out.numel() == 0:
+        return grad_w.zero_(), grad_b.zero_()
+    masked, bias_sums = _relu_backward_bias(grad_out, out, bias=True)
+    return _weight_grad(masked, x, grad_w, stride, padding), grad_b.copy_(bias_sums)
+
+
+def _allocate_backward(grad_out: Tensor, out: Tensor, x: Tensor, weight: Tensor, stride: list[int],
+                       padding: list[int], output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients ``output_mask`` asks for (x's, weight's, bias's), each empty (0,) if not."""
+    if len(output_mask) != 3:
+        raise ValueError(f"output_mask must be 3 bools (x, weight, bias), got {list(output_mask)}")
+    _check_tensors(grad_out.dtype, grad_out.device, x=x)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must have x's {x.shape[1]} input channels in dim 1, got {tuple(weight.shape)}")
+    dx = _allocate_backward_input(grad_out, out, weight, list(x.shape[-2:]), stride, padding)
+    dw, db = _allocate_backward_weight(grad_out, out, x, list(weight.shape[-2:]), stride, padding)
+    return tuple(t if wanted else t.new_empty((0,)) for t, wanted in zip((dx, dw, db), output_mask))
+
+
+def _conv2d_relu_backward(grad_out: Tensor, out: Tensor, x: Tensor, weight: Tensor, stride: list[int],
+                          padding: list[int], output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """The two ops above in one, over one masked gradient: what autograd calls."""
+    dx, dw, db = _allocate_backward(grad_out, out, x, weight, stride, padding, output_mask)
+    if grad_out.numel() == 0:
+        return dx.zero_(), dw.zero_(), db.zero_()
+    masked, bias_sums = _relu_backward_bias(grad_out, out, bias=output_mask[2])
+    if output_mask[0]:
+        _input_grad(masked, weight, poison_if_debug(dx), stride, padding)
+    if output_mask[1]:
+        _weight_grad(masked, x, dw, stride, padding)
+    if output_mask[2]:
+        db.copy_(bias_sums)
+    return dx, dw, db
 
 
 conv2d_relu = _register(
@@ -542,5 +611,10 @@ conv2d_relu_backward_weight = _register(
     "(Tensor grad_out, Tensor out, Tensor x, int[2] kernel_hw, int[2] stride, int[2] padding) "
     "-> (Tensor, Tensor)",
     _conv2d_relu_backward_weight, _allocate_backward_weight)
+conv2d_relu_backward = _register(
+    "conv2d_relu_backward",
+    "(Tensor grad_out, Tensor out, Tensor x, Tensor weight, int[2] stride, int[2] padding, bool[3] output_mask) "
+    "-> (Tensor, Tensor, Tensor)",
+    _conv2d_relu_backward, _allocate_backward)
 
-autograd.register(torch.ops.alexnet_fast_triton, ("conv2d_relu",))
+autograd.register_conv(torch.ops.alexnet_fast_triton, "conv2d_relu", "conv2d_relu_backward")

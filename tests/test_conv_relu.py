@@ -15,6 +15,7 @@ CPU_CASES = [
     ((2, 5, 6, 7), (3, 5, 1, 1), (1, 1), (0, 0)),
     ((1, 4, 7, 9), (6, 4, 3, 2), (2, 1), (1, 0)),
     ((1, 60, 5, 6), (10, 60, 3, 3), (1, 1), (1, 1)),  # C_in in channel blocks per tap, the last one partial
+    ((1, 4, 5, 6), (3, 4, 1, 1), (1, 1), (1, 1)),  # stride 1, padding >= kernel: no flipped-kernel input gradient
 ]
 CUDA_CASES = CPU_CASES + [
     ((4, 96, 27, 27), (256, 96, 5, 5), (1, 1), (2, 2)),

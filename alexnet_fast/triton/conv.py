@@ -5,8 +5,9 @@ native ``alexnet_fast`` ops.
 GEMM views (groups=1, dilation=1; M counts pixels, K = KH * KW * C_in ordered (kh, kw, c_in)):
 
 * forward  ``out[M = N*OH*OW, C_out] = relu(patches[M, K] @ W[K, C_out] + bias)``;
-* dgrad    ``dx[M = N*H*W, C_in] = masked_grad[M, KH*KW*C_out] @ W'``, one sub-GEMM per stride
-  phase ``(ih % SH, iw % SW)`` so only the taps that hit each input pixel are visited;
+* dgrad    ``dx[M = N*H*W, C_in] = masked_grad[M, KH*KW*C_out] @ W'``: at stride 1 the forward
+  kernel (no ReLU) with the kernel flipped; otherwise one sub-GEMM per stride phase
+  ``(ih % SH, iw % SW)``, so only the taps that hit each input pixel are visited;
 * wgrad    ``dW[C_out, K] = masked_grad[M, C_out]^T @ patches[M, K]``, split over M into fp32
   partial sums that the host adds.
 
@@ -126,10 +127,11 @@ def conv2d_relu_forward_kernel(
     so_n, so_c, so_h, so_w,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FLAT_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, FLAT_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out = relu(conv(x, w) + bias): x NHWC, w [CO, KH, KW, C], out written with its strides."""
+    """out = relu(conv(x, w) + bias) (the ReLU if RELU): x NHWC, w [CO, KH, KW, C], out written
+    with its strides."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(CO, BLOCK_N)
     # Output-channel tiles vary fastest so the programs sharing a patch tile run together.
@@ -157,8 +159,9 @@ def conv2d_relu_forward_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    # where(acc < 0) rather than maximum: NaN propagates as in torch.relu.
-    acc = tl.where(acc < 0, 0.0, acc)
+    if RELU:
+        # where(acc < 0) rather than maximum: NaN propagates as in torch.relu.
+        acc = tl.where(acc < 0, 0.0, acc)
     rows = n.to(tl.int64) * so_n + oh.to(tl.int64) * so_h + ow.to(tl.int64) * so_w
     ptrs = out_ptr + rows[:, None] + offs_n.to(tl.int64)[None, :] * so_c
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -318,8 +321,9 @@ _BACKWARD_WEIGHT = _autotuned(conv2d_relu_backward_weight_kernel, conv_configs.b
 _CHUNK_ALIGN = max(c.kwargs["BLOCK_M"] for width in (2, 4)
                    for c in conv_configs.backward_weight(width, _INTERPRETED))
 _SPLIT_MIN_ROWS = _CHUNK_ALIGN if _INTERPRETED else 1024
-# The mask pass's tile: rows x channels (a 128-channel row of 16-bit values is 256 bytes).
-_MASK_BLOCK_M, _MASK_BLOCK_N = 32, 128
+# The mask pass: its tile, rows x channels (a 128-channel row of 16-bit values is 256 bytes), its
+# warps, and how many programs per SM it aims for.
+_MASK_BLOCK_M, _MASK_BLOCK_N, _MASK_WARPS, _MASK_PROGRAMS_PER_SM = 32, 128, 4, 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -422,6 +426,12 @@ def _conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[in
     if out.numel() == 0:
         return out
     poison_if_debug(out)  # here, not in _allocate_forward, which is also the fake kernel
+    return _forward(x, weight, bias, out, stride, padding, relu=True)
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, stride: list[int],
+             padding: list[int], relu: bool) -> Tensor:
+    """out (allocated, written in full) = conv2d(x, weight, bias), through a ReLU if ``relu``."""
     n, c, h, w = x.shape
     co, _, kh, kw = weight.shape
     oh, ow = out.shape[-2:]
@@ -436,7 +446,7 @@ def _conv2d_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[in
         x_nhwc, w_k, bias.contiguous() if bias is not None else w_k, out,  # the kernel reads bias with stride 1
         n, h, w, c, oh, ow, co, *out.stride(),
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
-        HAS_BIAS=bias is not None, FLAT_K=_flat_k(c), PRECISION=precision, UPCAST=upcast)
+        HAS_BIAS=bias is not None, RELU=relu, FLAT_K=_flat_k(c), PRECISION=precision, UPCAST=upcast)
     return out
 
 
@@ -452,14 +462,15 @@ def _relu_backward_bias(grad_out: Tensor, out: Tensor, bias: bool) -> tuple[Tens
         return masked, grad_out.new_zeros((co,), dtype=torch.float32) if bias else None
     block_n = min(_MASK_BLOCK_N, triton.next_power_of_2(co))
     blocks_n = triton.cdiv(co, block_n)
-    splits = max(1, min(triton.cdiv(4 * _sm_count(grad_out.device), blocks_n), triton.cdiv(rows, _MASK_BLOCK_M)))
+    programs = _MASK_PROGRAMS_PER_SM * _sm_count(grad_out.device)
+    splits = max(1, min(triton.cdiv(programs, blocks_n), triton.cdiv(rows, _MASK_BLOCK_M)))
     chunk = triton.cdiv(triton.cdiv(rows, splits), _MASK_BLOCK_M) * _MASK_BLOCK_M
     splits = triton.cdiv(rows, chunk)
     # Every split stores (not adds) its sums, so they start poisoned in debug runs.
     sums = poison_if_debug(torch.empty((splits, co), dtype=torch.float32, device=grad_out.device)) if bias else masked
     wrap_triton(relu_backward_bias_kernel)[(blocks_n, splits)](
         grad_out.contiguous(memory_format=torch.channels_last), out.contiguous(memory_format=torch.channels_last),
-        masked, sums, rows, co, chunk, BIAS=bias, BLOCK_M=_MASK_BLOCK_M, BLOCK_N=block_n, num_warps=4)
+        masked, sums, rows, co, chunk, BIAS=bias, BLOCK_M=_MASK_BLOCK_M, BLOCK_N=block_n, num_warps=_MASK_WARPS)
     return masked, sums.sum(0) if bias else None
 
 
@@ -481,11 +492,18 @@ def _allocate_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, inpu
 
 
 def _input_grad(masked: Tensor, weight: Tensor, dx: Tensor, stride: list[int], padding: list[int]) -> Tensor:
-    """dx (allocated, written in full) from the masked output gradient (channels_last)."""
+    """dx (allocated, written in full) from the masked output gradient (channels_last).
+
+    At stride 1 that is the convolution of the gradient with the kernel flipped and its channel
+    axes swapped, padded by ``k - 1 - p``: the forward kernel, whose loop over K is leaner than
+    the phase kernel's, measured faster (BENCHMARKS.md, Convolutions)."""
     n, co, oh, ow = masked.shape
     _, c, kh, kw = weight.shape
     h, w = dx.shape[-2:]
     sh, sw = stride
+    if (sh, sw) == (1, 1) and padding[0] < kh and padding[1] < kw:
+        flipped = weight.flip(2, 3).transpose(0, 1)
+        return _forward(masked, flipped, None, dx, [1, 1], [kh - 1 - padding[0], kw - 1 - padding[1]], relu=False)
     w_k = _weight_k_major(weight)
     precision, upcast = _dot_modes(masked.dtype)
     phase_rows = n * triton.cdiv(h, sh) * triton.cdiv(w, sw)

@@ -35,7 +35,7 @@ from alexnet_fast.bench import (Skipped, error_status, format_row, make_row, pea
                                 sanity, synchronize, time_fn)
 from alexnet_fast.model import INPUT_SIZE, AlexNet
 from alexnet_fast.step import GraphedStep, train_step
-from alexnet_fast.train import keeps_autocast_copies, make_sgd, steps_in_backward
+from alexnet_fast.train import can_step_in_backward, keeps_autocast_copies, make_sgd
 
 STEP_PROVIDERS = ("eager", "compile", "auto", "auto+compile", "auto+cudagraph")
 STEP_DTYPES = ("bf16", "tf32", "fp32")
@@ -75,7 +75,7 @@ def prepare_step(provider: str, layout: str, batch: int, dtype: str, size: int, 
     compiled = provider in COMPILED
     opt = make_sgd(model.parameters(), device, **SGD_ARGS,
                    autocast_dtype=keeps_autocast_copies(backend, device, amp_dtype, compiled),
-                   step_in_backward=steps_in_backward(backend, device, compiled))
+                   step_in_backward=can_step_in_backward(backend, device, compiled))
     gen = torch.Generator(device=device).manual_seed(seed)
     images = [torch.randn((batch, 3, size, size), generator=gen, device=device).contiguous(memory_format=fmt)
               for _ in range(NUM_BATCHES)]

@@ -154,7 +154,7 @@ def keeps_autocast_copies(backend: str, device_type: str, amp_dtype: torch.dtype
     return None if backend == "torch" or compiled or device_type != "cuda" else amp_dtype
 
 
-def steps_in_backward(backend: str, device_type: str, compiled: bool, world: int = 1, scaled: bool = False) -> bool:
+def can_step_in_backward(backend: str, device_type: str, compiled: bool, world: int = 1, scaled: bool = False) -> bool:
     """The ``step_in_backward`` of :func:`make_sgd` for a model of ``backend``: the classifier's
     weights are stepped in their backward (``alexnet_fast.optim``) where our Linear runs
     (``backend`` not ``torch``, uncompiled) on CUDA, and nothing else needs their gradients: one
@@ -623,7 +623,7 @@ def _fit(config: TrainConfig, ckpt: dict | None, resume: str | None, overwrite: 
         optimizer = make_sgd(
             model.parameters(), device.type, config.lr, config.momentum, config.weight_decay,
             keeps_autocast_copies(config.backend, device.type, amp_dtype(config.amp), config.compile),
-            steps_in_backward(config.backend, device.type, config.compile, world, scaled=config.amp == "fp16"))
+            can_step_in_backward(config.backend, device.type, config.compile, world, scaled=config.amp == "fp16"))
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **PLATEAU)
         scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
         # Dropout streams differ per process; the parameters are the same on every rank.

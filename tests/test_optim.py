@@ -237,15 +237,15 @@ def test_copies_are_kept_only_where_the_ops_read_them():
 
 
 def test_weights_are_stepped_in_the_backward_only_where_nothing_else_needs_their_gradients():
-    from alexnet_fast.train import make_sgd, steps_in_backward
+    from alexnet_fast.train import can_step_in_backward, make_sgd
 
-    assert steps_in_backward("auto", "cuda", compiled=False)
-    assert steps_in_backward("triton", "cuda", compiled=False)
-    assert not steps_in_backward("torch", "cuda", compiled=False)  # PyTorch's Linear
-    assert not steps_in_backward("auto", "cuda", compiled=True)  # the compiled backward's own product
-    assert not steps_in_backward("auto", "cuda", compiled=False, world=2)  # DDP reduces after the backward
-    assert not steps_in_backward("auto", "cuda", compiled=False, scaled=True)  # the scaler reads every gradient
-    assert not steps_in_backward("auto", "cpu", compiled=False)
+    assert can_step_in_backward("auto", "cuda", compiled=False)
+    assert can_step_in_backward("triton", "cuda", compiled=False)
+    assert not can_step_in_backward("torch", "cuda", compiled=False)  # PyTorch's Linear
+    assert not can_step_in_backward("auto", "cuda", compiled=True)  # the compiled backward's own product
+    assert not can_step_in_backward("auto", "cuda", compiled=False, world=2)  # DDP reduces after the backward
+    assert not can_step_in_backward("auto", "cuda", compiled=False, scaled=True)  # the scaler reads every gradient
+    assert not can_step_in_backward("auto", "cpu", compiled=False)
     params = [torch.nn.Parameter(torch.randn(3, 2))]
     opt = make_sgd(params, "cuda", lr=0.1, momentum=0.9, weight_decay=0.0, step_in_backward=True)
     assert isinstance(opt, optim.SGD) and opt.step_in_backward and opt.autocast_dtype is None

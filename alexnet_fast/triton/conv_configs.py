@@ -30,8 +30,9 @@ _FORWARD = [
     (128, 128, 128, 8, 3),
     (64, 64, 64, 4, 3),
 ]
-# Input pixels of one stride phase (M) x input channels (N) x K = (tap, c_out). Narrow N tiles
-# fit C_in=96 (conv2's input) without padding.
+# Input pixels of one stride phase (M) x input channels (N) x K = (tap, c_out); strided layers
+# only (a stride-1 input gradient runs the forward kernel and its configs). Narrow N tiles fit
+# C_in=96 without padding.
 _BACKWARD_INPUT = [
     (128, 128, 64, 8, 3),
     (128, 128, 64, 8, 4),

@@ -15,8 +15,7 @@ GEMM views (groups=1, dilation=1; M counts pixels, K = KH * KW * C_in ordered (k
 included) is written by one pass over grad_out and out, which also sums it per channel (the bias
 gradient); the GEMMs read it as plain operands. Forming it inside the GEMMs' loads, which spares
 that tensor, was the first design and measured slower on the H200 (bf16, B=128): conv2's input
-gradient 587 against 412 us, its weight gradient 1053 against 585 us, where the pass takes about
-as long as reading and writing its bytes.
+gradient 587 against 412 us, its weight gradient 1053 against 585 us, where the pass takes 62 us.
 
 Layout: the kernels read activations as channels_last (NHWC), so a K block is a contiguous run
 of channels. NCHW inputs are converted to channels_last once inside each op (one copy of x, and
@@ -322,9 +321,10 @@ _CHUNK_ALIGN = max(c.kwargs["BLOCK_M"] for width in (2, 4)
                    for c in conv_configs.backward_weight(width, _INTERPRETED))
 _SPLIT_MIN_ROWS = _CHUNK_ALIGN if _INTERPRETED else 1024
 # The mask pass: its tile, rows x channels (a 128-channel row of 16-bit values is 256 bytes), its
-# warps, and how many programs per SM it aims for. The fastest of eight variants timed on the H200
-# (bf16 conv2's gradient: 51 us, 2.8 TB/s; 32 rows took 62 us).
-_MASK_BLOCK_M, _MASK_BLOCK_N, _MASK_WARPS, _MASK_PROGRAMS_PER_SM = 64, 128, 4, 4
+# warps, and how many programs per SM it aims for. These passed the GPU tests; of eight variants
+# timed on the H200, 64 rows was fastest (bf16 conv2's gradient: 51 against 62 us here) but has
+# not been through the GPU tests yet.
+_MASK_BLOCK_M, _MASK_BLOCK_N, _MASK_WARPS, _MASK_PROGRAMS_PER_SM = 32, 128, 4, 4
 
 
 @functools.lru_cache(maxsize=None)

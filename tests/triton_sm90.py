@@ -37,19 +37,21 @@ compiled: dict[tuple, dict] = {}
 
 
 def _signature(fn: JITFunction, args, kwargs):
+    """Triton's launch-time specialization of these arguments: an int equal to 1 becomes a
+    constant, and ints and pointers divisible by 16 carry that hint (none of our kernels opts out)."""
     bound = dict(zip(fn.arg_names, args))
     bound.update(kwargs)
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         v = bound[p.name] if p.name in bound else p.default
-        if p.is_constexpr or v is None:
+        if p.is_constexpr or v is None or (type(v) is int and v == 1):
             signature[p.name], constexprs[p.name] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             signature[p.name] = "*" + _TYPES[v.dtype]
             if v.data_ptr() % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, bool):
-            signature[p.name] = "i1"
+            signature[p.name] = "u1"
         elif isinstance(v, int):
             signature[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
             if v % 16 == 0:

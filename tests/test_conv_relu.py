@@ -188,3 +188,7 @@ def test_triton_backward_ops_agree(device, layout):
                 assert torch.equal(got, want) and got.stride() == want.stride(), f"grad {name}, mask {mask}"
             else:
                 assert got.numel() == 0, f"grad {name} not asked for, mask {mask}"
+    with pytest.raises(ValueError, match="weight must be a 4-D"):
+        ns.conv2d_relu_backward(g, out, x, w[0, 0, 0], stride, padding, [True, True, True])
+    with pytest.raises(ValueError, match="weight must have x's 5 input channels"):
+        ns.conv2d_relu_backward(g, out, x, w[:, :4], stride, padding, [True, True, True])

@@ -468,6 +468,7 @@ def _relu_backward_bias(grad_out: Tensor, out: Tensor, bias: bool) -> tuple[Tens
     chunk = triton.cdiv(triton.cdiv(rows, splits), _MASK_BLOCK_M) * _MASK_BLOCK_M
     splits = triton.cdiv(rows, chunk)
     # Every split stores (not adds) its sums, so they start poisoned in debug runs.
+    # Without BIAS the kernel never touches db_ptr; masked stands in for it.
     sums = poison_if_debug(torch.empty((splits, co), dtype=torch.float32, device=grad_out.device)) if bias else masked
     wrap_triton(relu_backward_bias_kernel)[(blocks_n, splits)](
         grad_out.contiguous(memory_format=torch.channels_last), out.contiguous(memory_format=torch.channels_last),
@@ -595,9 +596,9 @@ def _allocate_backward(grad_out: Tensor, out: Tensor, x: Tensor, weight: Tensor,
     if len(output_mask) != 3:
         raise ValueError(f"output_mask must be 3 bools (x, weight, bias), got {list(output_mask)}")
     _check_tensors(grad_out.dtype, grad_out.device, x=x)
+    dx = _allocate_backward_input(grad_out, out, weight, list(x.shape[-2:]), stride, padding)  # checks weight
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight must have x's {x.shape[1]} input channels in dim 1, got {tuple(weight.shape)}")
-    dx = _allocate_backward_input(grad_out, out, weight, list(x.shape[-2:]), stride, padding)
     dw, db = _allocate_backward_weight(grad_out, out, x, list(weight.shape[-2:]), stride, padding)
     return tuple(t if wanted else t.new_empty((0,)) for t, wanted in zip((dx, dw, db), output_mask))
 

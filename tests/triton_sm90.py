@@ -28,9 +28,10 @@ SHARED_LIMIT = 232448  # bytes of shared memory one sm_90 block may use (227 KB)
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
           torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
-# Every autotune config with --all-configs (541 compiles, 15 minutes on one core with triton 3.8;
-# every config fitted, the largest in 192 KB); by default the first of each (82 compiles, about
-# 100 s), which covers every kernel and specialization the ops launch.
+# Every autotune config with --all-configs (when last run, before ints equal to 1 were treated as
+# constants: 541 compiles in 15 minutes on one core with triton 3.8, every config fitted, the
+# largest in 192 KB); by default the first of each (91 compiles, 100-150 s on a cold cache),
+# which covers every kernel and specialization the ops launch.
 ALL_CONFIGS = "--all-configs" in sys.argv
 
 compiled: dict[tuple, dict] = {}

@@ -16,6 +16,10 @@ CPU_CASES = [
     ((1, 4, 7, 9), (6, 4, 3, 2), (2, 1), (1, 0)),
     ((1, 60, 5, 6), (10, 60, 3, 3), (1, 1), (1, 1)),  # C_in in channel blocks per tap, the last one partial
     ((1, 4, 5, 6), (3, 4, 1, 1), (1, 1), (1, 1)),  # stride 1, padding >= kernel: no flipped-kernel input gradient
+    # channels in multiples of 8 at stride 1: the weight gradient on the pixel grid, over several
+    # splits, and with a rectangular kernel, unequal padding and no padding
+    ((2, 16, 11, 12), (16, 16, 3, 3), (1, 1), (1, 1)),
+    ((1, 8, 9, 7), (24, 8, 5, 3), (1, 1), (2, 0)),
 ]
 CUDA_CASES = CPU_CASES + [
     ((4, 96, 27, 27), (256, 96, 5, 5), (1, 1), (2, 2)),

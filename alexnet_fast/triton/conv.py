@@ -9,13 +9,25 @@ GEMM views (groups=1, dilation=1; M counts pixels, K = KH * KW * C_in ordered (k
   kernel (no ReLU) with the kernel flipped; otherwise one sub-GEMM per stride phase
   ``(ih % SH, iw % SW)``, so only the taps that hit each input pixel are visited;
 * wgrad    ``dW[C_out, K] = masked_grad[M, C_out]^T @ patches[M, K]``, split over M into fp32
-  partial sums that the host adds.
+  partial sums that the host adds; at stride 1 on the pixel grid (below).
 
 ``masked_grad = where(out <= 0, 0, grad_out)`` (PyTorch's threshold_backward, NaN outputs
 included) is written by one pass over grad_out and out, which also sums it per channel (the bias
 gradient); the GEMMs read it as plain operands. Forming it inside the GEMMs' loads, which spares
 that tensor, was the first design and measured slower on the H200 (bf16, B=128): conv2's input
 gradient 587 against 412 us, its weight gradient 1053 against 585 us, where the pass takes 62 us.
+
+The pixel grid (stride-1 weight gradient, padding below the kernel, channel counts multiples
+of 8): x is copied into a [rows, C_in] matrix whose row ``(n * HS + h + PH) * WS + w + PW`` holds
+pixel (n, h, w), with ``HS, WS = H + PH, W + PW`` and zeros in every other row. An image's
+bottom padding is the next one's top padding, and a row's right padding the next row's left, so
+they are stored once. The masked gradient goes into the same grid, output pixel (n, oh, ow) in
+row ``q = (n * HS + oh) * WS + ow``, zeros elsewhere. Kernel tap (a, b) of row q then reads x's
+row ``q + a * WS + b``: one fixed shift per tap, so the GEMM walks contiguous rows with no masks
+and no index arithmetic in its loop. It costs zero rows (13-15% of the GEMM on AlexNet's layers)
+and one copy of x, and on the H200 ran 2.1-2.4x faster than the per-pixel window kernel (bf16,
+B=128, conv2 582 against 275 us; BENCHMARKS.md). The input gradient reads the gradient through a
+strided view of the grid.
 
 Layout: the kernels read activations as channels_last (NHWC), so a K block is a contiguous run
 of channels. NCHW inputs are converted to channels_last once inside each op (one copy of x, and
@@ -38,6 +50,7 @@ products otherwise (read when the op runs; under torch.compile, when it is trace
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -63,17 +76,18 @@ _INT32_MAX = 2**31 - 1
 # device helpers
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _pixel_rows(offs_m, OH, OW, H, W, C, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
+def _pixel_rows(offs_m, OH, OW, SXN, SXH, C, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
                 PW: tl.constexpr):
     """For output pixels ``offs_m`` (flat n, oh, ow): the top-left input coordinate of their
-    window and the int64 NHWC offset of that (possibly padded-out) position."""
+    window and the int64 offset of that (possibly padded-out) position in x, whose pixels are
+    SXN (image) and SXH (row) elements apart and hold their C channels contiguously."""
     ow = offs_m % OW
     t = offs_m // OW
     oh = t % OH
     n = t // OH
     ih0 = oh * SH - PH
     iw0 = ow * SW - PW
-    row_base = ((n.to(tl.int64) * H + ih0) * W + iw0) * C
+    row_base = n.to(tl.int64) * SXN + ih0.to(tl.int64) * SXH + iw0 * C
     return n, oh, ow, ih0, iw0, row_base
 
 
@@ -91,7 +105,7 @@ def _k_columns(kt, C, KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr, 
 
 
 @triton.jit
-def _load_patches(x_ptr, row_base, ih0, iw0, row_ok, kt, k_idx, k_ok, H, W, C, KW: tl.constexpr,
+def _load_patches(x_ptr, row_base, ih0, iw0, row_ok, kt, k_idx, k_ok, H, W, C, SXH, KW: tl.constexpr,
                   FLAT_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """The [BLOCK_M, BLOCK_K] tile of K block ``kt`` (columns ``k_idx`` from ``_k_columns``) of
     the im2col rows of pixels whose window starts at (ih0, iw0); zero outside the image."""
@@ -103,7 +117,7 @@ def _load_patches(x_ptr, row_base, ih0, iw0, row_ok, kt, k_idx, k_ok, H, W, C, K
         ih = ih0[:, None] + r[None, :]
         iw = iw0[:, None] + s[None, :]
         mask = row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        ptrs = x_ptr + row_base[:, None] + (r * (W * C) + j)[None, :]
+        ptrs = x_ptr + row_base[:, None] + (r * SXH + j)[None, :]
     else:
         tap = kt // tl.cdiv(C, BLOCK_K)
         r = tap // KW
@@ -112,7 +126,7 @@ def _load_patches(x_ptr, row_base, ih0, iw0, row_ok, kt, k_idx, k_ok, H, W, C, K
         iw = iw0 + s
         ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         mask = ok[:, None] & k_ok[None, :]
-        ptrs = x_ptr + (row_base + (r * W + s) * C)[:, None] + (k_idx - tap * C)[None, :]
+        ptrs = x_ptr + (row_base + (r * SXH + s * C))[:, None] + (k_idx - tap * C)[None, :]
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
@@ -123,14 +137,14 @@ def _load_patches(x_ptr, row_base, ih0, iw0, row_ok, kt, k_idx, k_ok, H, W, C, K
 def conv2d_relu_forward_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
     N, H, W, C, OH, OW, CO,
-    so_n, so_c, so_h, so_w,
+    sx_n, sx_h, so_n, so_c, so_h, so_w,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, FLAT_K: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out = relu(conv(x, w) + bias) (the ReLU if RELU): x NHWC, w [CO, KH, KW, C], out written
-    with its strides."""
+    """out = relu(conv(x, w) + bias) (the ReLU if RELU): x with contiguous channels and pixels
+    (sx_n, sx_h, C) elements apart, w [CO, KH, KW, C], out written with its strides."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(CO, BLOCK_N)
     # Output-channel tiles vary fastest so the programs sharing a patch tile run together.
@@ -139,7 +153,7 @@ def conv2d_relu_forward_kernel(
     M = N * OH * OW
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    n, oh, ow, ih0, iw0, row_base = _pixel_rows(offs_m, OH, OW, H, W, C, SH, SW, PH, PW)
+    n, oh, ow, ih0, iw0, row_base = _pixel_rows(offs_m, OH, OW, sx_n, sx_h, C, SH, SW, PH, PW)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < CO
     K = KH * KW * C
@@ -152,7 +166,7 @@ def conv2d_relu_forward_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(0, k_tiles):
         k_idx, k_ok = _k_columns(kt, C, KH, KW, FLAT_K, BLOCK_K)
-        a = _load_patches(x_ptr, row_base, ih0, iw0, m_ok, kt, k_idx, k_ok, H, W, C, KW, FLAT_K, BLOCK_K)
+        a = _load_patches(x_ptr, row_base, ih0, iw0, m_ok, kt, k_idx, k_ok, H, W, C, sx_h, KW, FLAT_K, BLOCK_K)
         b = tl.load(w_rows[None, :] + k_idx[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = mma(a, b, acc, PRECISION, UPCAST)
 
@@ -262,41 +276,89 @@ def conv2d_relu_backward_weight_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < m_end
-        n, oh, ow, ih0, iw0, row_base = _pixel_rows(offs_m, OH, OW, H, W, C, SH, SW, PH, PW)
+        n, oh, ow, ih0, iw0, row_base = _pixel_rows(offs_m, OH, OW, H * W * C, W * C, C, SH, SW, PH, PW)
         g_offs = (offs_m.to(tl.int64) * CO)[:, None] + offs_n[None, :]
         g = tl.load(grad_ptr + g_offs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        a = _load_patches(x_ptr, row_base, ih0, iw0, m_ok, kt, k_idx, k_ok, H, W, C, KW, FLAT_K, BLOCK_K)
+        a = _load_patches(x_ptr, row_base, ih0, iw0, m_ok, kt, k_idx, k_ok, H, W, C, W * C, KW, FLAT_K, BLOCK_K)
         acc = mma(tl.trans(g), a, acc, PRECISION, UPCAST)
     ptrs = dw_ptr + ((split * CO + offs_n).to(tl.int64) * K)[:, None] + k_idx[None, :]
     tl.store(ptrs, acc, mask=n_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
-def relu_backward_bias_kernel(grad_ptr, out_ptr, masked_ptr, db_ptr, M, CO, CHUNK,
-                              BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """masked = where(out <= 0, 0, grad) over [M, CO] (NHWC rows), and with BIAS the float32 sums
-    of each channel over the rows [split * CHUNK, (split + 1) * CHUNK), split = program axis 1,
-    into db[split, CO]."""
+def conv2d_relu_backward_weight_grid_kernel(
+    grad_ptr, x_ptr, dw_ptr, CO, C, NCOL, WS, CHUNK,
+    KW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The stride-1 weight gradient on the pixel grid (``_Grid``), without masks or index
+    arithmetic in its loop: partial sums over grid rows [split * CHUNK, (split + 1) * CHUNK),
+    split = program axis 1, of dw[split, co, (a * KW + b) * C + c] = sum_q grad[q, co] *
+    x[q + a * WS + b, c]; grad [rows, CO] and x [rows + shift, C] grid matrices. C and CO are
+    multiples of 8 (the host checks), so runs of 8 columns are contiguous and aligned."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_m = tl.cdiv(CO, BLOCK_M)
+    # Output-channel tiles vary fastest so the programs sharing an x tile run together.
+    pid_n = pid // num_m
+    pid_m = pid - pid_n * num_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Past the edge, wrap to a valid address (never stored) rather than mask in the loop.
+    co = tl.max_contiguous(tl.multiple_of(offs_m % CO, 8), 8)
+    col = offs_n % NCOL
+    tap = col // C
+    a = tap // KW
+    x_col = tl.max_contiguous(tl.multiple_of((a * WS + tap - a * KW) * C + col - tap * C, 8), 8)
+    q = split * CHUNK + tl.arange(0, BLOCK_K)
+    g_ptrs = grad_ptr + (q.to(tl.int64) * CO)[:, None] + co[None, :]
+    x_ptrs = x_ptr + (q.to(tl.int64) * C)[:, None] + x_col[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, CHUNK, BLOCK_K):
+        g = tl.load(g_ptrs)
+        x = tl.load(x_ptrs)
+        acc = mma(tl.trans(g), x, acc, PRECISION, UPCAST)
+        g_ptrs += BLOCK_K * CO
+        x_ptrs += BLOCK_K * C
+    ptrs = dw_ptr + ((split * CO + offs_m).to(tl.int64) * NCOL)[:, None] + offs_n[None, :]
+    tl.store(ptrs, acc, mask=(offs_m < CO)[:, None] & (offs_n < NCOL)[None, :])
+
+
+@triton.jit
+def grid_rows_kernel(src_ptr, out_ptr, dst_ptr, db_ptr, N, H, W, C, HS, WS, OFF_H, OFF_W, ROWS, CHUNK,
+                     RELU_MASK: tl.constexpr, BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """Rows q < ROWS of dst [ROWS, C] (``_Grid``): pixel (n, h, w) = (q // (HS*WS),
+    q // WS % HS - OFF_H, q % WS - OFF_W) of src (dense NHWC, N x H x W), zero where there is
+    none. With RELU_MASK it is where(out <= 0, 0, src), out like src (PyTorch's
+    threshold_backward); with BIAS the float32 sums of each channel over the rows
+    [split * CHUNK, (split + 1) * CHUNK), split = program axis 1, go to db[split, C]."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < CO
+    n_ok = offs_n < C
     m_start = split * CHUNK
-    m_end = tl.minimum(m_start + CHUNK, M)
+    m_end = tl.minimum(m_start + CHUNK, ROWS)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask = (offs_m < m_end)[:, None] & n_ok[None, :]
-        offs = (offs_m.to(tl.int64) * CO)[:, None] + offs_n[None, :]
-        g = tl.load(grad_ptr + offs, mask=mask, other=0.0)
-        o = tl.load(out_ptr + offs, mask=mask, other=0.0)
-        # where(out <= 0) rather than out > 0: a NaN output passes its gradient, as in PyTorch
-        g = tl.where(o <= 0, 0.0, g)
-        tl.store(masked_ptr + offs, g, mask=mask)
+        q = m0 + tl.arange(0, BLOCK_M)
+        img = q // (HS * WS)
+        rest = q - img * (HS * WS)
+        h = rest // WS - OFF_H
+        w = rest % WS - OFF_W
+        valid = (img < N) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        mask = valid[:, None] & n_ok[None, :]
+        offs = (((img.to(tl.int64) * H + h) * W + w) * C)[:, None] + offs_n[None, :]
+        v = tl.load(src_ptr + offs, mask=mask, other=0.0)
+        if RELU_MASK:
+            # where(out <= 0) rather than out > 0: a NaN output passes its gradient, as in PyTorch
+            v = tl.where(tl.load(out_ptr + offs, mask=mask, other=0.0) <= 0, 0.0, v)
+        tl.store(dst_ptr + (q.to(tl.int64) * C)[:, None] + offs_n[None, :], v,
+                 mask=(q < m_end)[:, None] & n_ok[None, :])
         if BIAS:
-            db += tl.sum(g.to(tl.float32), axis=0)
+            db += tl.sum(v.to(tl.float32), axis=0)
     if BIAS:
-        tl.store(db_ptr + split * CO + offs_n, db, mask=n_ok)
+        tl.store(db_ptr + split * C + offs_n, db, mask=n_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,17 +376,34 @@ _FORWARD = _autotuned(conv2d_relu_forward_kernel, conv_configs.forward, _SHAPE_K
 _BACKWARD_INPUT = _autotuned(conv2d_relu_backward_input_kernel, conv_configs.backward_input, _SHAPE_KEY)
 _BACKWARD_WEIGHT = _autotuned(conv2d_relu_backward_weight_kernel, conv_configs.backward_weight,
                               _SHAPE_KEY + ["FLAT_K", "CHUNK"])
-# Weight-gradient splits over M: chunks aligned to the largest BLOCK_M, each at least
-# _SPLIT_MIN_ROWS pixels. The interpreter runs tiny shapes, which still get several splits so
-# the cross-split sum is exercised.
-_CHUNK_ALIGN = max(c.kwargs["BLOCK_M"] for width in (2, 4)
-                   for c in conv_configs.backward_weight(width, _INTERPRETED))
+_BACKWARD_WEIGHT_GRID = _autotuned(conv2d_relu_backward_weight_grid_kernel, conv_configs.backward_weight_grid,
+                                   ["CO", "C", "NCOL", "WS", "CHUNK", "KW"])
+# Weight-gradient splits over pixels (or grid rows): chunks aligned to every config's block
+# along them, each at least _SPLIT_MIN_ROWS long. The interpreter runs tiny shapes, which still
+# get several splits so the cross-split sum is exercised.
+_CHUNK_ALIGN = max([c.kwargs["BLOCK_M"] for width in (2, 4) for c in conv_configs.backward_weight(width, _INTERPRETED)]
+                   + [c.kwargs["BLOCK_K"] for width in (2, 4)
+                      for c in conv_configs.backward_weight_grid(width, _INTERPRETED)])
 _SPLIT_MIN_ROWS = _CHUNK_ALIGN if _INTERPRETED else 1024
-# The mask pass: its tile, rows x channels (a 128-channel row of 16-bit values is 256 bytes), its
-# warps, and how many programs per SM it aims for. These passed the GPU tests; of eight variants
-# timed on the H200, 64 rows was fastest (bf16 conv2's gradient: 51 against 62 us here) but has
-# not been through the GPU tests yet.
-_MASK_BLOCK_M, _MASK_BLOCK_N, _MASK_WARPS, _MASK_PROGRAMS_PER_SM = 32, 128, 4, 4
+# The row passes (grid_rows_kernel: the ReLU mask and bias sums, the grid copy of x): their tile,
+# rows x channels (a 128-channel row of 16-bit values is 256 bytes), their warps, and how many
+# programs per SM they aim for. These passed the GPU tests; of eight variants timed on the H200,
+# 64 rows was fastest (bf16 conv2's gradient: 51 against 62 us here) but has not been through
+# the GPU tests yet.
+_ROWS_BLOCK_M, _ROWS_BLOCK_N, _ROWS_WARPS, _ROWS_PROGRAMS_PER_SM = 32, 128, 4, 4
+
+
+class _Grid(NamedTuple):
+    """The padded pixel grid of a stride-1 convolution's weight gradient (module docstring):
+    images of ``hs x ws`` pixels, ``splits`` chunks of ``chunk`` rows of the output gradient."""
+    hs: int
+    ws: int
+    chunk: int
+    splits: int
+
+    @property
+    def rows(self) -> int:
+        return self.chunk * self.splits
 
 
 @functools.lru_cache(maxsize=None)
@@ -436,7 +515,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, stride
     n, c, h, w = x.shape
     co, _, kh, kw = weight.shape
     oh, ow = out.shape[-2:]
-    x_nhwc = x.contiguous(memory_format=torch.channels_last)
+    x_rows = _channels_minor(x)
     w_k = _weight_k_major(weight)
     precision, upcast = _dot_modes(x.dtype)
 
@@ -444,36 +523,64 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, stride
         return (triton.cdiv(n * oh * ow, meta["BLOCK_M"]) * triton.cdiv(co, meta["BLOCK_N"]),)
 
     wrap_triton(_FORWARD[x.element_size()])[grid](
-        x_nhwc, w_k, bias.contiguous() if bias is not None else w_k, out,  # the kernel reads bias with stride 1
-        n, h, w, c, oh, ow, co, *out.stride(),
+        x_rows, w_k, bias.contiguous() if bias is not None else w_k, out,  # the kernel reads bias with stride 1
+        n, h, w, c, oh, ow, co, x_rows.stride(0), x_rows.stride(2), *out.stride(),
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
         HAS_BIAS=bias is not None, RELU=relu, FLAT_K=_flat_k(c), PRECISION=precision, UPCAST=upcast)
     return out
 
 
-def _relu_backward_bias(grad_out: Tensor, out: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
-    """(``where(out <= 0, 0, grad_out)`` in channels_last, and with ``bias`` its float32 sum per
-    channel, the bias gradient): one pass over the two tensors, whose result both backward GEMMs
-    read as it is. Masking inside the GEMMs' loads instead (a load of out and a select per K step)
-    measured slower than this pass and the plain GEMMs together (BENCHMARKS.md, Convolutions)."""
-    n, co, oh, ow = grad_out.shape
-    rows = n * oh * ow
-    masked = poison_if_debug(torch.empty_like(grad_out, memory_format=torch.channels_last))
-    if masked.numel() == 0:
-        return masked, grad_out.new_zeros((co,), dtype=torch.float32) if bias else None
-    block_n = min(_MASK_BLOCK_N, triton.next_power_of_2(co))
-    blocks_n = triton.cdiv(co, block_n)
-    programs = _MASK_PROGRAMS_PER_SM * _sm_count(grad_out.device)
-    splits = max(1, min(triton.cdiv(programs, blocks_n), triton.cdiv(rows, _MASK_BLOCK_M)))
-    chunk = triton.cdiv(triton.cdiv(rows, splits), _MASK_BLOCK_M) * _MASK_BLOCK_M
+def _channels_minor(x: Tensor) -> Tensor:
+    """x itself when each pixel's channels are contiguous and a row's pixels follow each other
+    (channels_last, or a view of the pixel grid), else a channels_last copy: the kernels take the
+    image and row strides."""
+    if x.stride(1) == 1 and x.stride(3) == x.shape[1]:
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _grid_rows(src: Tensor, hs: int, ws: int, offset, rows: int, relu_out: Tensor | None = None,
+               bias: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The [rows, C] matrix holding pixel (n, h, w) of src (N, C, H, W) in row
+    ``(n * hs + h + offset[0]) * ws + w + offset[1]`` and zeros in every other row, written in one
+    pass (``grid_rows_kernel``); with ``relu_out``, ``where(relu_out <= 0, 0, src)`` (the ReLU's
+    backward), and with ``bias`` the float32 sum of each channel too. ``hs, ws = H, W`` with no
+    offset is src in channels_last."""
+    n, c, h, w = src.shape
+    dst = poison_if_debug(src.new_empty((rows, c)))  # every row is written
+    block_n = min(_ROWS_BLOCK_N, triton.next_power_of_2(c))
+    blocks_n = triton.cdiv(c, block_n)
+    programs = _ROWS_PROGRAMS_PER_SM * _sm_count(src.device)
+    splits = max(1, min(triton.cdiv(programs, blocks_n), triton.cdiv(rows, _ROWS_BLOCK_M)))
+    chunk = triton.cdiv(triton.cdiv(rows, splits), _ROWS_BLOCK_M) * _ROWS_BLOCK_M
     splits = triton.cdiv(rows, chunk)
     # Every split stores (not adds) its sums, so they start poisoned in debug runs.
-    # Without BIAS the kernel never touches db_ptr; masked stands in for it.
-    sums = poison_if_debug(torch.empty((splits, co), dtype=torch.float32, device=grad_out.device)) if bias else masked
-    wrap_triton(relu_backward_bias_kernel)[(blocks_n, splits)](
-        grad_out.contiguous(memory_format=torch.channels_last), out.contiguous(memory_format=torch.channels_last),
-        masked, sums, rows, co, chunk, BIAS=bias, BLOCK_M=_MASK_BLOCK_M, BLOCK_N=block_n, num_warps=_MASK_WARPS)
-    return masked, sums.sum(0) if bias else None
+    # Without bias the kernel never touches db_ptr; dst stands in for it.
+    sums = poison_if_debug(torch.empty((splits, c), dtype=torch.float32, device=src.device)) if bias else dst
+    src = src.contiguous(memory_format=torch.channels_last)
+    wrap_triton(grid_rows_kernel)[(blocks_n, splits)](
+        src, src if relu_out is None else relu_out.contiguous(memory_format=torch.channels_last), dst, sums,
+        n, h, w, c, hs, ws, offset[0], offset[1], rows, chunk, RELU_MASK=relu_out is not None, BIAS=bias,
+        BLOCK_M=_ROWS_BLOCK_M, BLOCK_N=block_n, num_warps=_ROWS_WARPS)
+    return dst, sums.sum(0) if bias else None
+
+
+def _relu_backward_bias(grad_out: Tensor, out: Tensor, bias: bool,
+                        grid: _Grid | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``where(out <= 0, 0, grad_out)`` (the masked gradient) as an (N, C_out, OH, OW) tensor
+    with contiguous channels, the [rows, C_out] matrix it views (channels_last, or the pixel grid
+    when ``grid`` is given), and with ``bias`` its float32 sum per channel, the bias gradient:
+    one pass over the two tensors, whose result the backward GEMMs read as it is. Masking inside
+    the GEMMs' loads instead (a load of out and a select per K step) measured slower than this
+    pass and the plain GEMMs together (BENCHMARKS.md, Convolutions)."""
+    n, co, oh, ow = grad_out.shape
+    hs, ws, rows = (grid.hs, grid.ws, grid.rows) if grid else (oh, ow, n * oh * ow)
+    if grad_out.numel() == 0:
+        return (torch.empty_like(grad_out, memory_format=torch.channels_last), grad_out.new_empty((0, co)),
+                grad_out.new_zeros((co,), dtype=torch.float32) if bias else None)
+    matrix, sums = _grid_rows(grad_out, hs, ws, (0, 0), rows, relu_out=out, bias=bias)
+    masked = matrix.as_strided(grad_out.shape, (hs * ws * co, 1, ws * co, co))
+    return masked, matrix, sums
 
 
 def _allocate_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, input_hw: list[int],
@@ -494,7 +601,8 @@ def _allocate_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, inpu
 
 
 def _input_grad(masked: Tensor, weight: Tensor, dx: Tensor, stride: list[int], padding: list[int]) -> Tensor:
-    """dx (allocated, written in full) from the masked output gradient (channels_last).
+    """dx (allocated, written in full) from the masked output gradient (contiguous channels; in
+    channels_last unless the stride is 1).
 
     At stride 1 that is the convolution of the gradient with the kernel flipped and its channel
     axes swapped, padded by ``k - 1 - p``: the forward kernel, whose loop over K is leaner than
@@ -525,7 +633,7 @@ def _conv2d_relu_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, i
     dx = _allocate_backward_input(grad_out, out, weight, input_hw, stride, padding)
     if dx.numel() == 0:
         return dx
-    masked, _ = _relu_backward_bias(grad_out, out, bias=False)
+    masked, _, _ = _relu_backward_bias(grad_out, out, bias=False)
     return _input_grad(masked, weight, poison_if_debug(dx), stride, padding)
 
 
@@ -536,6 +644,20 @@ def _weight_grad_splits(rows: int, c_out: int, k: int, device: torch.device) -> 
     splits = max(1, min(triton.cdiv(2 * _sm_count(device), tiles), rows // _SPLIT_MIN_ROWS))
     chunk = triton.cdiv(triton.cdiv(rows, splits), _CHUNK_ALIGN) * _CHUNK_ALIGN
     return chunk, triton.cdiv(rows, chunk)
+
+
+def _weight_grid(x: Tensor, c_out: int, kernel_hw, stride, padding) -> _Grid | None:
+    """The pixel grid of the weight gradient (module docstring), where it applies: stride 1,
+    padding below the kernel (so every output pixel lies in its image's block of rows), and
+    channel counts that are multiples of 8 (the kernel's aligned loads)."""
+    n, c, h, w = x.shape
+    (kh, kw), (ph, pw) = kernel_hw, padding
+    if list(stride) != [1, 1] or ph >= kh or pw >= kw or c % 8 or c_out % 8:
+        return None
+    hs, ws = h + ph, w + pw
+    _check_rows(n * hs * ws + (kh - 1) * ws + kw)  # the last image's taps reach past its block
+    chunk, splits = _weight_grad_splits(n * hs * ws, c_out, kh * kw * c, x.device)
+    return _Grid(hs, ws, chunk, splits)
 
 
 def _allocate_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kernel_hw: list[int],
@@ -554,30 +676,44 @@ def _allocate_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kernel_h
     return grad_out.new_empty((co, c, *kernel_hw)), grad_out.new_empty((co,))
 
 
-def _weight_grad(masked: Tensor, x: Tensor, grad_w: Tensor, stride: list[int], padding: list[int]) -> Tensor:
-    """grad_w (allocated, written in full) from the masked output gradient (channels_last)."""
+def _weight_grad(masked: Tensor, matrix: Tensor, x: Tensor, grad_w: Tensor, stride: list[int],
+                 padding: list[int], grid: _Grid | None) -> Tensor:
+    """grad_w (allocated, written in full) from the masked output gradient, as
+    ``_relu_backward_bias`` gives it for ``grid``: on the pixel grid, or in channels_last when
+    ``grid`` is None."""
     n, co, oh, ow = masked.shape
     _, c, h, w = x.shape
     kh, kw = grad_w.shape[-2:]
-    rows = n * oh * ow
     if grad_w.numel() == 0:
         return grad_w
     k = kh * kw * c
-    chunk, splits = _weight_grad_splits(rows, co, k, masked.device)
+    precision, upcast = _dot_modes(masked.dtype)
+    if grid is not None:
+        chunk, splits = grid.chunk, grid.splits
+        # x's rows reach (kh - 1) * ws + kw - 1 past the gradient's: the last taps of the last rows
+        x_rows, _ = _grid_rows(x, grid.hs, grid.ws, padding, grid.rows + (kh - 1) * grid.ws + kw - 1)
+    else:
+        chunk, splits = _weight_grad_splits(n * oh * ow, co, k, masked.device)
     # Every split stores (not adds) its partial sums, so they start poisoned in debug runs.
     # grad_w is written whole by copy_ below, not by a kernel: left as it is.
     dw = poison_if_debug(torch.empty((splits, co, k), dtype=torch.float32, device=masked.device))
-    flat = _flat_k(c)
-    precision, upcast = _dot_modes(masked.dtype)
+    if grid is not None:
+        def grid_fn(meta):
+            return (triton.cdiv(co, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]), splits)
 
-    def grid(meta):
-        return (triton.cdiv(co, meta["BLOCK_N"]) * _k_tiles((kh, kw), c, flat, meta["BLOCK_K"]), splits)
+        wrap_triton(_BACKWARD_WEIGHT_GRID[masked.element_size()])[grid_fn](
+            matrix, x_rows, dw, co, c, k, grid.ws, chunk, KW=kw, PRECISION=precision, UPCAST=upcast)
+    else:
+        flat = _flat_k(c)
 
-    wrap_triton(_BACKWARD_WEIGHT[masked.element_size()])[grid](
-        masked, x.contiguous(memory_format=torch.channels_last), dw,
-        n, h, w, c, oh, ow, co, chunk,
-        KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
-        FLAT_K=flat, PRECISION=precision, UPCAST=upcast)
+        def grid_fn(meta):
+            return (triton.cdiv(co, meta["BLOCK_N"]) * _k_tiles((kh, kw), c, flat, meta["BLOCK_K"]), splits)
+
+        wrap_triton(_BACKWARD_WEIGHT[masked.element_size()])[grid_fn](
+            matrix, x.contiguous(memory_format=torch.channels_last), dw,
+            n, h, w, c, oh, ow, co, chunk,
+            KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
+            FLAT_K=flat, PRECISION=precision, UPCAST=upcast)
     return grad_w.copy_(dw.sum(0).view(co, kh, kw, c).permute(0, 3, 1, 2))
 
 
@@ -586,8 +722,9 @@ def _conv2d_relu_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kerne
     grad_w, grad_b = _allocate_backward_weight(grad_out, out, x, kernel_hw, stride, padding)
     if grad_out.numel() == 0:
         return grad_w.zero_(), grad_b.zero_()
-    masked, bias_sums = _relu_backward_bias(grad_out, out, bias=True)
-    return _weight_grad(masked, x, grad_w, stride, padding), grad_b.copy_(bias_sums)
+    grid = _weight_grid(x, grad_out.shape[1], kernel_hw, stride, padding)
+    masked, matrix, bias_sums = _relu_backward_bias(grad_out, out, bias=True, grid=grid)
+    return _weight_grad(masked, matrix, x, grad_w, stride, padding, grid), grad_b.copy_(bias_sums)
 
 
 def _allocate_backward(grad_out: Tensor, out: Tensor, x: Tensor, weight: Tensor, stride: list[int],
@@ -609,11 +746,13 @@ def _conv2d_relu_backward(grad_out: Tensor, out: Tensor, x: Tensor, weight: Tens
     dx, dw, db = _allocate_backward(grad_out, out, x, weight, stride, padding, output_mask)
     if grad_out.numel() == 0:
         return dx.zero_(), dw.zero_(), db.zero_()
-    masked, bias_sums = _relu_backward_bias(grad_out, out, bias=output_mask[2])
+    # The weight gradient's grid, where it applies, also serves the input gradient (as a view).
+    grid = _weight_grid(x, weight.shape[0], weight.shape[-2:], stride, padding) if output_mask[1] else None
+    masked, matrix, bias_sums = _relu_backward_bias(grad_out, out, bias=output_mask[2], grid=grid)
     if output_mask[0]:
         _input_grad(masked, weight, poison_if_debug(dx), stride, padding)
     if output_mask[1]:
-        _weight_grad(masked, x, dw, stride, padding)
+        _weight_grad(masked, matrix, x, dw, stride, padding, grid)
     if output_mask[2]:
         db.copy_(bias_sums)
     return dx, dw, db

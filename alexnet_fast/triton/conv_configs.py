@@ -61,6 +61,16 @@ _BACKWARD_WEIGHT = [
     (64, 64, 64, 4, 3),
 ]
 
+# The weight gradient on the pixel grid: output channels (M) x K columns (N), reducing over grid
+# rows in steps of BLOCK_K (the five fastest of nine timed on the H200 for conv2-conv5, bf16).
+_BACKWARD_WEIGHT_GRID = [
+    (128, 128, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+]
+
 
 def _configs(rows, itemsize: int, reduction: str, interpreted: bool):
     if interpreted:
@@ -86,3 +96,7 @@ def backward_input(itemsize: int, interpreted: bool):
 
 def backward_weight(itemsize: int, interpreted: bool):
     return _configs(_BACKWARD_WEIGHT, itemsize, "BLOCK_M", interpreted)
+
+
+def backward_weight_grid(itemsize: int, interpreted: bool):
+    return _configs(_BACKWARD_WEIGHT_GRID, itemsize, "BLOCK_K", interpreted)

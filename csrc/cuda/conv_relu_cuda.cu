@@ -430,6 +430,8 @@ void run_wgrad(ConvArgs<T>& a, const at::Tensor& grad_weight, const at::Tensor& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+std::tuple<at::Tensor, at::Tensor> relu_backward_bias_cuda(const at::Tensor& grad_out, const at::Tensor& out);
+
 std::tuple<at::Tensor, at::Tensor> conv2d_relu_backward_weight_cuda(const at::Tensor& grad_out, const at::Tensor& out,
                                                                     const at::Tensor& x, at::IntArrayRef kernel_hw,
                                                                     at::IntArrayRef stride, at::IntArrayRef padding) {
@@ -490,6 +492,12 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_backward_weight_cuda(const at::Te
       run_wgrad<T, kMath, false>(a, grad_weight, grad_bias, stream);
     }
   });
+  // Under TF32 the GEMM's bias column sums TF32-rounded gradients. PyTorch's bias gradient is a
+  // float32 sum, and where the gradients cancel (a sum near zero) the rounding does not: one
+  // test case's bias gradient was 7.7e-3 off normwise. So the mask pass's float32 sums replace it.
+  if (grad_out.scalar_type() == at::kFloat && allow_tf32()) {
+    grad_bias.copy_(std::get<1>(relu_backward_bias_cuda(gc, oc)));
+  }
   return {grad_weight, grad_bias};
 }
 

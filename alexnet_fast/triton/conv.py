@@ -17,8 +17,8 @@ gradient); the GEMMs read it as plain operands. Forming it inside the GEMMs' loa
 that tensor, was the first design and measured slower on the H200 (bf16, B=128): conv2's input
 gradient 587 against 412 us, its weight gradient 1053 against 585 us, where the pass takes 62 us.
 
-The pixel grid (stride-1 weight gradient, padding below the kernel, channel counts multiples
-of 8): x is copied into a [rows, C_in] matrix whose row ``(n * HS + h + PH) * WS + w + PW`` holds
+The pixel grid (stride-1 weight gradient in 16-bit dtypes, padding below the kernel, channel
+counts multiples of 8): x is copied into a [rows, C_in] matrix whose row ``(n * HS + h + PH) * WS + w + PW`` holds
 pixel (n, h, w), with ``HS, WS = H + PH, W + PW`` and zeros in every other row. An image's
 bottom padding is the next one's top padding, and a row's right padding the next row's left, so
 they are stored once. The masked gradient goes into the same grid, output pixel (n, oh, ow) in
@@ -647,12 +647,15 @@ def _weight_grad_splits(rows: int, c_out: int, k: int, device: torch.device) -> 
 
 
 def _weight_grid(x: Tensor, c_out: int, kernel_hw, stride, padding) -> _Grid | None:
-    """The pixel grid of the weight gradient (module docstring), where it applies: stride 1,
-    padding below the kernel (so every output pixel lies in its image's block of rows), and
-    channel counts that are multiples of 8 (the kernel's aligned loads)."""
+    """The pixel grid of the weight gradient (module docstring), where it applies: 16-bit
+    operands, stride 1, padding below the kernel (so every output pixel lies in its image's block
+    of rows), and channel counts that are multiples of 8 (the kernel's aligned loads). In TF32 the
+    grid gained nothing on the H200 (conv2's weight gradient op 4.2 ms, 7.5x cuDNN's; the
+    per-pixel kernel's took 3.6 ms as a plain call): Hopper's TF32 products take K-major operands
+    only, and both of this GEMM's are channel-major."""
     n, c, h, w = x.shape
     (kh, kw), (ph, pw) = kernel_hw, padding
-    if list(stride) != [1, 1] or ph >= kh or pw >= kw or c % 8 or c_out % 8:
+    if x.element_size() != 2 or list(stride) != [1, 1] or ph >= kh or pw >= kw or c % 8 or c_out % 8:
         return None
     hs, ws = h + ph, w + pw
     _check_rows(n * hs * ws + (kh - 1) * ws + kw)  # the last image's taps reach past its block

@@ -62,7 +62,8 @@ _BACKWARD_WEIGHT = [
 ]
 
 # The weight gradient on the pixel grid: output channels (M) x K columns (N), reducing over grid
-# rows in steps of BLOCK_K (the five fastest of nine timed on the H200 for conv2-conv5, bf16).
+# rows in steps of BLOCK_K. Five of the seven tiles timed on the H200 for conv2-conv5 in bf16
+# (BENCHMARKS.md); the two left out were among the slowest on every layer.
 _BACKWARD_WEIGHT_GRID = [
     (128, 128, 64, 4, 4),
     (64, 128, 64, 4, 4),

@@ -18,19 +18,20 @@ that tensor, was the first design and measured slower on the H200 (bf16, B=128):
 gradient 587 against 412 us, its weight gradient 1053 against 585 us, where the pass takes 62 us.
 
 The pixel grid (stride-1 weight gradient in 16-bit dtypes, padding below the kernel, channel
-counts multiples of 8): x is copied into a [rows, C_in] matrix whose row ``(n * HS + h + PH) * WS + w + PW`` holds
-pixel (n, h, w), with ``HS, WS = H + PH, W + PW`` and zeros in every other row. An image's
-bottom padding is the next one's top padding, and a row's right padding the next row's left, so
-they are stored once. The masked gradient goes into the same grid, output pixel (n, oh, ow) in
-row ``q = (n * HS + oh) * WS + ow``, zeros elsewhere. Kernel tap (a, b) of row q then reads x's
-row ``q + a * WS + b``: one fixed shift per tap, so the GEMM walks contiguous rows with no masks
-and no index arithmetic in its loop. It costs zero rows (13-15% of the GEMM on AlexNet's layers)
-and one copy of x, and on the H200 ran 2.1-2.4x faster than the per-pixel window kernel (bf16,
-B=128, conv2 582 against 275 us; BENCHMARKS.md). The input gradient reads the gradient through a
-strided view of the grid.
+counts multiples of 8): x is copied into a [rows, C_in] matrix whose row
+``(n * HS + h + PH) * WS + w + PW`` holds pixel (n, h, w), with ``HS, WS = H + PH, W + PW`` and
+zeros in every other row. An image's bottom padding is the next one's top padding, and a row's
+right padding the next row's left, so they are stored once. The masked gradient goes into the
+same grid, output pixel (n, oh, ow) in row ``q = (n * HS + oh) * WS + ow``, zeros elsewhere.
+Kernel tap (a, b) of row q then reads x's row ``q + a * WS + b``: one fixed shift per tap, so
+the GEMM walks contiguous rows with no masks and no index arithmetic in its loop. It costs zero
+rows (13-15% of the GEMM on AlexNet's layers) and one copy of x, and on the H200 ran 2.1-2.4x
+faster than the per-pixel window kernel (bf16, B=128, conv2 582 against 275 us; BENCHMARKS.md).
+The input gradient reads the gradient through a strided view of the grid.
 
 Layout: the kernels read activations as channels_last (NHWC), so a K block is a contiguous run
-of channels. NCHW inputs are converted to channels_last once inside each op (one copy of x, and
+of channels (the forward kernel takes the image and row strides, which lets it read a view of
+the grid). NCHW inputs are converted to channels_last once inside each op (one copy of x, and
 of grad_out and out in the backward); outputs are written directly in the layout
 ``alexnet_fast.ops.output_memory_format`` prescribes (channels_last in, channels_last out).
 
@@ -379,12 +380,13 @@ _BACKWARD_WEIGHT = _autotuned(conv2d_relu_backward_weight_kernel, conv_configs.b
 _BACKWARD_WEIGHT_GRID = _autotuned(conv2d_relu_backward_weight_grid_kernel, conv_configs.backward_weight_grid,
                                    ["CO", "C", "NCOL", "WS", "CHUNK", "KW"])
 # Weight-gradient splits over pixels (or grid rows): chunks aligned to every config's block
-# along them, each at least _SPLIT_MIN_ROWS long. The interpreter runs tiny shapes, which still
-# get several splits so the cross-split sum is exercised.
-_CHUNK_ALIGN = max([c.kwargs["BLOCK_M"] for width in (2, 4) for c in conv_configs.backward_weight(width, _INTERPRETED)]
+# along them, each split taking at least _SPLIT_MIN_ROWS of them. The interpreter runs tiny
+# shapes, which still get several splits so the cross-split sum is exercised.
+_CHUNK_ALIGN = max([c.kwargs["BLOCK_M"] for width in (2, 4)
+                    for c in conv_configs.backward_weight(width, _INTERPRETED)]
                    + [c.kwargs["BLOCK_K"] for width in (2, 4)
                       for c in conv_configs.backward_weight_grid(width, _INTERPRETED)])
-_SPLIT_MIN_ROWS = _CHUNK_ALIGN if _INTERPRETED else 1024
+_SPLIT_MIN_ROWS = _CHUNK_ALIGN // 2 if _INTERPRETED else 1024
 # The row passes (grid_rows_kernel: the ReLU mask and bias sums, the grid copy of x): their tile,
 # rows x channels (a 128-channel row of 16-bit values is 256 bytes), their warps, and how many
 # programs per SM they aim for. These passed the GPU tests; of eight variants timed on the H200,
@@ -583,8 +585,8 @@ def _relu_backward_bias(grad_out: Tensor, out: Tensor, bias: bool,
     return masked, matrix, sums
 
 
-def _allocate_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, input_hw: list[int],
-                             stride: list[int], padding: list[int]) -> Tensor:
+def _check_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, input_hw: list[int],
+                          stride: list[int], padding: list[int]) -> None:
     _check_tensors(grad_out.dtype, grad_out.device, grad_out=grad_out, out=out, weight=weight)
     _check_geometry(weight.shape[-2:], stride, padding)
     n, co, oh, ow = grad_out.shape
@@ -596,8 +598,17 @@ def _allocate_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, inpu
             f"input_hw {list(input_hw)} do not describe one convolution with stride {list(stride)}, "
             f"padding {list(padding)}")
     _check_rows(n * h * w, n * oh * ow)
-    return torch.empty((n, weight.shape[1], h, w), dtype=grad_out.dtype, device=grad_out.device,
+
+
+def _empty_input_grad(grad_out: Tensor, shape) -> Tensor:
+    return torch.empty(shape, dtype=grad_out.dtype, device=grad_out.device,
                        memory_format=output_memory_format(grad_out))
+
+
+def _allocate_backward_input(grad_out: Tensor, out: Tensor, weight: Tensor, input_hw: list[int],
+                             stride: list[int], padding: list[int]) -> Tensor:
+    _check_backward_input(grad_out, out, weight, input_hw, stride, padding)
+    return _empty_input_grad(grad_out, (grad_out.shape[0], weight.shape[1], *input_hw))
 
 
 def _input_grad(masked: Tensor, weight: Tensor, dx: Tensor, stride: list[int], padding: list[int]) -> Tensor:
@@ -663,8 +674,8 @@ def _weight_grid(x: Tensor, c_out: int, kernel_hw, stride, padding) -> _Grid | N
     return _Grid(hs, ws, chunk, splits)
 
 
-def _allocate_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kernel_hw: list[int],
-                              stride: list[int], padding: list[int]) -> tuple[Tensor, Tensor]:
+def _check_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kernel_hw: list[int],
+                           stride: list[int], padding: list[int]) -> None:
     _check_tensors(grad_out.dtype, grad_out.device, grad_out=grad_out, out=out, x=x)
     _check_geometry(kernel_hw, stride, padding)
     n, co, oh, ow = grad_out.shape
@@ -676,7 +687,13 @@ def _allocate_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kernel_h
             f"{list(kernel_hw)} do not describe one convolution with stride {list(stride)}, "
             f"padding {list(padding)}")
     _check_rows(n * oh * ow, n * h * w)
-    return grad_out.new_empty((co, c, *kernel_hw)), grad_out.new_empty((co,))
+
+
+def _allocate_backward_weight(grad_out: Tensor, out: Tensor, x: Tensor, kernel_hw: list[int],
+                              stride: list[int], padding: list[int]) -> tuple[Tensor, Tensor]:
+    _check_backward_weight(grad_out, out, x, kernel_hw, stride, padding)
+    co = grad_out.shape[1]
+    return grad_out.new_empty((co, x.shape[1], *kernel_hw)), grad_out.new_empty((co,))
 
 
 def _weight_grad(masked: Tensor, matrix: Tensor, x: Tensor, grad_w: Tensor, stride: list[int],
@@ -736,11 +753,14 @@ def _allocate_backward(grad_out: Tensor, out: Tensor, x: Tensor, weight: Tensor,
     if len(output_mask) != 3:
         raise ValueError(f"output_mask must be 3 bools (x, weight, bias), got {list(output_mask)}")
     _check_tensors(grad_out.dtype, grad_out.device, x=x)
-    dx = _allocate_backward_input(grad_out, out, weight, list(x.shape[-2:]), stride, padding)  # checks weight
+    _check_backward_input(grad_out, out, weight, list(x.shape[-2:]), stride, padding)  # checks weight
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight must have x's {x.shape[1]} input channels in dim 1, got {tuple(weight.shape)}")
-    dw, db = _allocate_backward_weight(grad_out, out, x, list(weight.shape[-2:]), stride, padding)
-    return tuple(t if wanted else t.new_empty((0,)) for t, wanted in zip((dx, dw, db), output_mask))
+    _check_backward_weight(grad_out, out, x, list(weight.shape[-2:]), stride, padding)
+    dx, dw, db = output_mask
+    return (_empty_input_grad(grad_out, x.shape) if dx else grad_out.new_empty((0,)),
+            grad_out.new_empty(weight.shape) if dw else grad_out.new_empty((0,)),
+            grad_out.new_empty((weight.shape[0],)) if db else grad_out.new_empty((0,)))
 
 
 def _conv2d_relu_backward(grad_out: Tensor, out: Tensor, x: Tensor, weight: Tensor, stride: list[int],

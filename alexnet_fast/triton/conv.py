@@ -669,8 +669,8 @@ def _weight_grid(x: Tensor, c_out: int, kernel_hw, stride, padding) -> _Grid | N
     if x.element_size() != 2 or list(stride) != [1, 1] or ph >= kh or pw >= kw or c % 8 or c_out % 8:
         return None
     hs, ws = h + ph, w + pw
-    _check_rows(n * hs * ws + (kh - 1) * ws + kw)  # the last image's taps reach past its block
     chunk, splits = _weight_grad_splits(n * hs * ws, c_out, kh * kw * c, x.device)
+    _check_rows(chunk * splits + (kh - 1) * ws + kw)  # x's grid rows: the last taps reach past the last row
     return _Grid(hs, ws, chunk, splits)
 
 

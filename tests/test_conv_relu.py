@@ -196,3 +196,31 @@ def test_triton_backward_ops_agree(device, layout):
         ns.conv2d_relu_backward(g, out, x, w[0, 0, 0], stride, padding, [True, True, True])
     with pytest.raises(ValueError, match="weight must have x's 5 input channels"):
         ns.conv2d_relu_backward(g, out, x, w[:, :4], stride, padding, [True, True, True])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_weight_grid_special_inputs(device, layout):
+    """The stride-1 weight gradient on the pixel grid (16-bit, channels in multiples of 8) with
+    what the shape cases do not reach: an x that is a strided slice, the expanded (stride-0)
+    gradient of ``out.sum()``, and a NaN output, whose gradient passes as in PyTorch. Against
+    float64 under the op's own mask."""
+    skip_unless_available("triton", device)
+    from alexnet_fast.triton import conv
+
+    ns = ops.kernels("triton")
+    dtype, stride, padding = torch.bfloat16, [1, 1], [1, 1]
+    x = random_input((2, 24, 10, 12), dtype, device, layout)[:, 4:20, 1:, 2:]  # (2, 16, 9, 10)
+    w = random_input((8, 16, 3, 3), dtype, device) / 12
+    assert conv._weight_grid(x, 8, (3, 3), stride, padding) is not None, "the case must take the grid path"
+    out = ns.conv2d_relu(x, w, None, stride, padding)
+    out[0, 1, 2, 3] = float("nan")
+    g = torch.ones((), dtype=dtype, device=device).expand(out.shape)
+    gx, gw, gb = ns.conv2d_relu_backward(g, out, x, w, stride, padding, [True, True, True])
+    passed = (~(out.double().cpu() <= 0)).double()  # NaN passes
+    assert passed.any() and not passed.all()
+    x64 = x.detach().double().cpu().requires_grad_()
+    w64 = w.detach().double().cpu().requires_grad_()
+    rx, rw = torch.autograd.grad(torch.nn.functional.conv2d(x64, w64, None, stride, padding), (x64, w64), passed)
+    assert_close(gx, rx, dtype, "gemm", what="input gradient")
+    assert_close(gw, rw, dtype, "gemm", what="weight gradient")
+    assert_close(gb, passed.sum((0, 2, 3)), dtype, "gemm", what="bias gradient")

@@ -408,6 +408,13 @@ class _Grid(NamedTuple):
         return self.chunk * self.splits
 
 
+def _chunks(rows: int, splits: int, align: int) -> tuple[int, int]:
+    """(chunk, count): ``rows`` cut into about ``splits`` chunks of a multiple of ``align`` rows
+    (the last one may be shorter), none of them empty."""
+    chunk = triton.cdiv(triton.cdiv(rows, max(1, splits)), align) * align
+    return chunk, triton.cdiv(rows, chunk)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
@@ -553,9 +560,7 @@ def _grid_rows(src: Tensor, hs: int, ws: int, offset, rows: int, relu_out: Tenso
     block_n = min(_ROWS_BLOCK_N, triton.next_power_of_2(c))
     blocks_n = triton.cdiv(c, block_n)
     programs = _ROWS_PROGRAMS_PER_SM * _sm_count(src.device)
-    splits = max(1, min(triton.cdiv(programs, blocks_n), triton.cdiv(rows, _ROWS_BLOCK_M)))
-    chunk = triton.cdiv(triton.cdiv(rows, splits), _ROWS_BLOCK_M) * _ROWS_BLOCK_M
-    splits = triton.cdiv(rows, chunk)
+    chunk, splits = _chunks(rows, triton.cdiv(programs, blocks_n), _ROWS_BLOCK_M)
     # Every split stores (not adds) its sums, so they start poisoned in debug runs.
     # Without bias the kernel never touches db_ptr; dst stands in for it.
     sums = poison_if_debug(torch.empty((splits, c), dtype=torch.float32, device=src.device)) if bias else dst
@@ -652,9 +657,7 @@ def _weight_grad_splits(rows: int, c_out: int, k: int, device: torch.device) -> 
     """(rows per split, number of splits): enough programs to fill the GPU about twice over,
     counting one program per nominal 128 x 128 tile of the [C_out, K] gradient."""
     tiles = triton.cdiv(c_out, 128) * triton.cdiv(k, 128)
-    splits = max(1, min(triton.cdiv(2 * _sm_count(device), tiles), rows // _SPLIT_MIN_ROWS))
-    chunk = triton.cdiv(triton.cdiv(rows, splits), _CHUNK_ALIGN) * _CHUNK_ALIGN
-    return chunk, triton.cdiv(rows, chunk)
+    return _chunks(rows, min(triton.cdiv(2 * _sm_count(device), tiles), rows // _SPLIT_MIN_ROWS), _CHUNK_ALIGN)
 
 
 def _weight_grid(x: Tensor, c_out: int, kernel_hw, stride, padding) -> _Grid | None:
@@ -708,22 +711,25 @@ def _weight_grad(masked: Tensor, matrix: Tensor, x: Tensor, grad_w: Tensor, stri
         return grad_w
     k = kh * kw * c
     precision, upcast = _dot_modes(masked.dtype)
+
+    def partial_sums(splits: int) -> Tensor:
+        # Every split stores (not adds) its partial sums, so they start poisoned in debug runs.
+        # grad_w is written whole by copy_ below, not by a kernel: left as it is.
+        return poison_if_debug(torch.empty((splits, co, k), dtype=torch.float32, device=masked.device))
+
     if grid is not None:
-        chunk, splits = grid.chunk, grid.splits
+        dw = partial_sums(grid.splits)
         # x's rows reach (kh - 1) * ws + kw - 1 past the gradient's: the last taps of the last rows
         x_rows, _ = _grid_rows(x, grid.hs, grid.ws, padding, grid.rows + (kh - 1) * grid.ws + kw - 1)
-    else:
-        chunk, splits = _weight_grad_splits(n * oh * ow, co, k, masked.device)
-    # Every split stores (not adds) its partial sums, so they start poisoned in debug runs.
-    # grad_w is written whole by copy_ below, not by a kernel: left as it is.
-    dw = poison_if_debug(torch.empty((splits, co, k), dtype=torch.float32, device=masked.device))
-    if grid is not None:
+
         def grid_fn(meta):
-            return (triton.cdiv(co, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]), splits)
+            return (triton.cdiv(co, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]), grid.splits)
 
         wrap_triton(_BACKWARD_WEIGHT_GRID[masked.element_size()])[grid_fn](
-            matrix, x_rows, dw, co, c, k, grid.ws, chunk, KW=kw, PRECISION=precision, UPCAST=upcast)
+            matrix, x_rows, dw, co, c, k, grid.ws, grid.chunk, KW=kw, PRECISION=precision, UPCAST=upcast)
     else:
+        chunk, splits = _weight_grad_splits(n * oh * ow, co, k, masked.device)
+        dw = partial_sums(splits)
         flat = _flat_k(c)
 
         def grid_fn(meta):
